@@ -1,0 +1,87 @@
+"""Public ``mae_loss`` op (fb/mae ``forward_loss``).
+
+The "torch" backend is the custom op ``usfmae::mae_loss``: it computes in fp32 whatever the input
+dtypes, and its backward recomputes the target from ``imgs`` instead of keeping it, so autograd
+holds only the inputs. The gradient flows to ``pred`` only (as in MAE pretraining).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks, reference
+
+
+def _loss_dtype(imgs, pred, mask):
+    return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), mask.dtype)
+
+
+def _target(imgs, patch_size, norm_pix_loss):
+    target = reference.patchify(imgs.float(), patch_size)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) * torch.rsqrt(var + 1.0e-6)
+    return target
+
+
+@torch.library.custom_op("usfmae::mae_loss", mutates_args=())
+def _mae_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                 norm_pix_loss: bool) -> torch.Tensor:
+    per_patch = (pred.float() - _target(imgs, patch_size, norm_pix_loss)).square().mean(dim=-1)
+    mask = mask.float()
+    return ((per_patch * mask).sum() / mask.sum()).to(_loss_dtype(imgs, pred, mask))
+
+
+@_mae_loss_op.register_fake
+def _(imgs, pred, mask, patch_size, norm_pix_loss):
+    return pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask))
+
+
+@torch.library.custom_op("usfmae::mae_loss_backward", mutates_args=())
+def _mae_loss_backward_op(grad: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
+                          mask: torch.Tensor, patch_size: int,
+                          norm_pix_loss: bool) -> torch.Tensor:
+    mask = mask.float()
+    coeff = (2.0 / (pred.shape[-1] * mask.sum())) * grad.float()
+    diff = pred.float() - _target(imgs, patch_size, norm_pix_loss)
+    return (diff * (mask * coeff).unsqueeze(-1)).to(pred.dtype)
+
+
+@_mae_loss_backward_op.register_fake
+def _(grad, imgs, pred, mask, patch_size, norm_pix_loss):
+    return torch.empty_like(pred)
+
+
+def _setup_context(ctx, inputs, output):
+    imgs, pred, mask, patch_size, norm_pix_loss = inputs
+    ctx.save_for_backward(imgs, pred, mask)
+    ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
+
+
+def _backward(ctx, grad):
+    imgs, pred, mask = ctx.saved_tensors
+    grad_pred = _mae_loss_backward_op(grad, imgs, pred, mask, ctx.patch_size, ctx.norm_pix_loss)
+    return None, grad_pred, None, None, None
+
+
+_mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.register("mae_loss", "torch", _mae_loss_op, ("cpu", "cuda"))
+
+
+def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
+             norm_pix_loss: bool = False) -> torch.Tensor:
+    """Mean squared error of ``pred [N, L, p*p*C]`` against the patchified ``imgs [N, C, H, W]``
+    on the removed patches (``mask`` 1), per-patch normalised when ``norm_pix_loss``."""
+    _checks.tensor("imgs", imgs, 4, "[N, C, H, W]")
+    _checks.tensor("pred", pred, 3, "[N, L, p*p*C]")
+    _checks.tensor("mask", mask, 2, "[N, L]")
+    p = _checks.positive_int("patch_size", patch_size)
+    n, c, h, w = imgs.shape
+    _checks.divisible("image height", h, p)
+    _checks.divisible("image width", w, p)
+    length = (h // p) * (w // p)
+    _checks.shape("pred", pred, (n, length, p * p * c), "[N, L, p*p*C]")
+    _checks.shape("mask", mask, (n, length), "[N, L]")
+    _checks.same_device(imgs=imgs, pred=pred, mask=mask)
+    _, fn = _backend.resolve("mae_loss", pred.device.type)
+    return fn(imgs, pred, mask, p, bool(norm_pix_loss))
