@@ -39,11 +39,14 @@ if _ext.LOADED:
     torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
 
 
+_COMPILED_KEYS = {key: _ext.has_kernel("random_masking", key) for key in ("CPU", "CUDA")}
+
+
 def _compiled_unavailable(key: str):
     def reason() -> str | None:
         if not _ext.LOADED:
             return _ext.LOAD_MESSAGE
-        if not _ext.has_kernel("random_masking", key):
+        if not _COMPILED_KEYS[key]:
             return f"usfmae_fast._C was built without {key} kernels"
         if key == "CUDA" and not torch.cuda.is_available():
             return "no CUDA device"

@@ -1,0 +1,82 @@
+"""Backend selection: set_backend / USFMAE_BACKEND, auto choice, clear errors, `usfmae-fast info`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import requires_ext
+from usfmae_fast import ops
+from usfmae_fast.cli import main
+from usfmae_fast.ops import _backend
+
+
+def test_set_backend_rejects_unknown_names(backend):
+    with pytest.raises(ValueError, match="backend"):
+        backend("fast")
+    assert ops.get_backend() in ops.BACKENDS + ("auto",)
+
+
+def test_env_variable_is_validated():
+    env = dict(os.environ, USFMAE_BACKEND="gpu-please")
+    result = subprocess.run([sys.executable, "-c", "import usfmae_fast.ops"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "USFMAE_BACKEND" in result.stderr
+
+
+def test_env_variable_selects_backend():
+    env = dict(os.environ, USFMAE_BACKEND="torch")
+    result = subprocess.run([sys.executable, "-c", "from usfmae_fast import ops; print(ops.get_backend())"],
+                            env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "torch"
+
+
+@requires_ext
+def test_auto_prefers_the_compiled_cpu_kernel(backend):
+    backend("auto")
+    assert _backend.resolve("random_masking", "cpu")[0] == "cpu"
+    assert _backend.resolve("random_masking", "meta")[0] == "torch"
+
+
+def test_named_backend_on_the_wrong_device_is_an_error(backend):
+    backend("cuda")
+    with pytest.raises(ValueError, match="runs random_masking on cuda tensors, got tensors on cpu"):
+        ops.random_masking(torch.randn(2, 8, 4), 0.5)
+
+
+def test_backend_without_the_op_falls_back_with_a_warning(backend):
+    backend("triton")
+    _backend._warned.clear()
+    with pytest.warns(UserWarning, match="no attention_packed"):
+        out = ops.attention_packed(torch.randn(1, 4, 3, 2, 8))
+    assert out.shape == (1, 4, 16)
+
+
+def test_info_reports_every_backend_with_a_reason(capsys):
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["torch"] == torch.__version__
+    for op in ("random_masking", "attention", "attention_packed", "mae_loss"):
+        row = report["ops"][op]
+        assert set(row) == set(ops.BACKENDS)
+        assert row["torch"].startswith("ok")
+        assert all(state for state in row.values())
+    if not torch.cuda.is_available():
+        assert report["ops"]["random_masking"]["cuda"] in (
+            "no CUDA device", report["extension"]["message"],
+            "usfmae_fast._C was built without CUDA kernels")
+    assert main(["info"]) == 0
+    assert "random_masking" in capsys.readouterr().out
+
+
+def test_missing_extension_is_reported_and_falls_back(tmp_path):
+    code = ("import torch; from usfmae_fast import ops; from usfmae_fast.ops import _ext;"
+            "print(_ext.LOADED, ops.backend_status()['random_masking']['cpu']);"
+            "x = torch.randn(2, 10, 3); print(ops.random_masking(x, 0.5)[0].shape)")
+    env = dict(os.environ, USFMAE_EXT_PATH=str(tmp_path / "missing.so"))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.startswith("False")
+    assert "failed to load" in result.stdout and "torch.Size([2, 5, 3])" in result.stdout

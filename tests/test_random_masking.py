@@ -1,0 +1,148 @@
+"""random_masking: every usable backend against ops/reference.py, forward and backward."""
+import random
+
+import pytest
+import torch
+
+from conftest import requires_cuda, requires_ext, usable_backends
+from usfmae_fast import ops
+from usfmae_fast.ops import reference
+
+CPU_BACKENDS = usable_backends("random_masking", "cpu")
+LENGTHS = (1, 49, 50, 97, 197, 200)
+
+
+def _check_against_reference(x, ratio, noise):
+    x_ref = x.detach().clone().requires_grad_(True)
+    x_op = x.detach().clone().requires_grad_(True)
+    expected = reference.random_masking(x_ref, ratio, noise)
+    got = ops.random_masking(x_op, ratio, noise)
+    for name, e, g in zip(("x_masked", "mask", "ids_restore"), expected, got):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        assert torch.equal(g, e), name
+    grad = torch.randn_like(expected[0])
+    expected[0].backward(grad)
+    got[0].backward(grad)
+    assert torch.equal(x_op.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_matches_reference(backend, backend_name, length, dtype):
+    backend(backend_name)
+    n, dim = random.choice((1, 3, 5)), random.choice((1, 7, 48, 130))
+    x = torch.randn(n, length, dim).to(dtype)
+    _check_against_reference(x, random.choice((0.5, 0.75, 0.9)), torch.rand(n, length))
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_fuzz_200_cases(backend, backend_name):
+    backend(backend_name)
+    rng = random.Random(0)
+    for _ in range(200):
+        n, length, dim = rng.randint(1, 6), rng.randint(1, 260), rng.randint(1, 70)
+        dtype = rng.choice((torch.float32, torch.float16, torch.bfloat16))
+        noise_dtype = rng.choice((torch.float32, torch.float64, torch.float16))
+        x = torch.randn(n, length, dim).to(dtype)
+        _check_against_reference(x, rng.uniform(0.05, 0.95), torch.rand(n, length).to(noise_dtype))
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_ties_go_to_lower_index_and_nan_sorts_last(backend, backend_name):
+    backend(backend_name)
+    noise = torch.randint(0, 4, (4, 97)).float()
+    noise[1, ::7] = float("nan")
+    _check_against_reference(torch.randn(4, 97, 12), 0.75, noise)
+    _, _, ids_restore = ops.random_masking(torch.randn(1, 5, 2), 0.6, torch.zeros(1, 5))
+    assert ids_restore.tolist() == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_drawn_noise_gives_a_valid_masking(backend, backend_name):
+    backend(backend_name)
+    x = torch.randn(6, 196, 16)
+    x_masked, mask, ids_restore = ops.random_masking(x, 0.75)
+    assert x_masked.shape == (6, 49, 16)
+    assert torch.equal(mask.sum(1), torch.full((6,), 147.0))
+    assert torch.equal(ids_restore.sort(1).values, torch.arange(196).expand(6, -1))
+    kept = (ids_restore < 49)
+    assert torch.equal(kept, mask == 0)
+    # Every kept row of x appears in x_masked at its rank.
+    rows = torch.gather(x_masked, 1, ids_restore.clamp(max=48).unsqueeze(-1).expand(-1, -1, 16))
+    assert torch.equal(rows[kept], x[kept])
+
+
+@requires_ext
+def test_opcheck_compiled_op():
+    for length in (1, 50, 197):
+        x = torch.randn(3, length, 8, requires_grad=True)
+        torch.library.opcheck(torch.ops.usfmae.random_masking.default,
+                              (x, torch.rand(3, length), max(length // 4, 1)))
+    torch.library.opcheck(torch.ops.usfmae.random_masking_backward.default,
+                          (torch.randn(2, 12, 5), torch.randperm(50).expand(2, -1).contiguous()))
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_torch_compile_matches_eager(backend, backend_name):
+    backend(backend_name)
+    x, noise = torch.randn(2, 50, 24), torch.rand(2, 50)
+
+    def f(inp):
+        x_masked, mask, ids_restore = ops.random_masking(inp, 0.75, noise)
+        return (x_masked * 2).sum(-1), mask, ids_restore
+
+    compiled = torch.compile(f, fullgraph=True)
+    (sums, mask, ids_restore), (sums_c, mask_c, ids_c) = f(x), compiled(x)
+    torch.testing.assert_close(sums_c, sums)  # inductor may reorder the fp32 sum
+    assert torch.equal(mask_c, mask) and torch.equal(ids_c, ids_restore)
+
+
+@pytest.mark.parametrize("call, exc, name", [
+    (lambda: ops.random_masking([[1.0]], 0.5), TypeError, "x"),
+    (lambda: ops.random_masking(torch.randn(4, 5), 0.5), ValueError, "x"),
+    (lambda: ops.random_masking(torch.ones(2, 4, 3, dtype=torch.int64), 0.5), TypeError, "x"),
+    (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.0), ValueError, "mask_ratio"),
+    (lambda: ops.random_masking(torch.randn(2, 4, 3), 1.0), ValueError, "mask_ratio"),
+    (lambda: ops.random_masking(torch.randn(2, 4, 3), -0.2), ValueError, "mask_ratio"),
+    (lambda: ops.random_masking(torch.randn(2, 4, 3), "0.5"), ValueError, "mask_ratio"),
+    (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.5, torch.rand(2, 5)), ValueError, "noise"),
+    (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.5, torch.rand(2, 4, device="meta")),
+     ValueError, "noise"),
+    (lambda: ops.random_masking(torch.randn(2, 3, 4).transpose(1, 2), 0.5), ValueError, "x"),
+    (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.5, torch.ones(2, 4, dtype=torch.int32)),
+     TypeError, "noise"),
+])
+def test_bad_input_names_the_argument(call, exc, name):
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        call()
+
+
+@requires_ext
+@pytest.mark.parametrize("args, name", [
+    ((torch.randn(4, 5), torch.rand(4, 5), 2), "x"),
+    ((torch.randn(2, 5, 3), torch.rand(2, 6), 2), "noise"),
+    ((torch.randn(2, 5, 3), torch.rand(2, 5), 6), "num_keep"),
+    ((torch.randn(2, 5, 3).transpose(0, 1).contiguous().transpose(0, 1), torch.rand(2, 5), 2), "x"),
+])
+def test_compiled_op_rejects_bad_input(args, name):
+    with pytest.raises(RuntimeError, match=rf"\b{name}\b"):
+        torch.ops.usfmae.random_masking(*args)
+
+
+@requires_ext
+def test_compiled_backward_rejects_bad_ids():
+    with pytest.raises(RuntimeError, match="ids_restore"):
+        torch.ops.usfmae.random_masking_backward(torch.randn(2, 3, 4), torch.zeros(2, 5))
+
+
+@requires_cuda
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_backends_match_reference(backend, length, dtype):
+    for name in usable_backends("random_masking", "cuda"):
+        backend(name)
+        x = torch.randn(3, length, 96, device="cuda").to(dtype)
+        noise = torch.randint(0, 8, (3, length), device="cuda").float()  # ties on purpose
+        _check_against_reference(x, 0.75, noise)
+        _check_against_reference(x, 0.6, torch.rand(3, length, device="cuda"))
