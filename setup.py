@@ -22,7 +22,9 @@ def _want_cuda() -> bool:
         return False
     if _flag("USFMAE_FORCE_CUDA"):
         return True
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    return (torch.version.cuda is not None and home is not None
+            and os.path.exists(os.path.join(home, "bin", "nvcc")))
 
 
 def _sources(pattern: str) -> list:
