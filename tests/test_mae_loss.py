@@ -42,6 +42,17 @@ def test_matches_reference(backend, backend_name, norm_pix_loss, shape):
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_float64_stays_float64(backend, backend_name):
+    backend(backend_name)
+    imgs, pred, mask = (t.double() for t in _inputs(3, 3, 24, 24, 8))
+    expected = _loss_and_grad(reference.mae_loss, imgs, pred, mask, 8, True)
+    got = _loss_and_grad(ops.mae_loss, imgs, pred, mask, 8, True)
+    assert got[0].dtype == got[1].dtype == torch.float64
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_fuzz_200_cases(backend, backend_name):
     backend(backend_name)
     rng = random.Random(1)

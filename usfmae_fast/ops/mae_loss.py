@@ -1,7 +1,7 @@
 """Public ``mae_loss`` op (fb/mae ``forward_loss``).
 
-The "torch" backend is the custom op ``usfmae::mae_loss``: it computes in fp32 whatever the input
-dtypes, and its backward recomputes the target from ``imgs`` instead of keeping it, so autograd
+The "torch" backend is the custom op ``usfmae::mae_loss``: it computes in fp32 (fp64 for fp64
+inputs), and its backward recomputes the target from ``imgs`` instead of keeping it, so autograd
 holds only the inputs. The gradient flows to ``pred`` only (as in MAE pretraining).
 """
 from __future__ import annotations
@@ -15,8 +15,12 @@ def _loss_dtype(imgs, pred, mask):
     return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), mask.dtype)
 
 
-def _target(imgs, patch_size, norm_pix_loss):
-    target = reference.patchify(imgs.float(), patch_size)
+def _compute_dtype(imgs, pred, mask):
+    return torch.promote_types(_loss_dtype(imgs, pred, mask), torch.float32)
+
+
+def _target(imgs, patch_size, norm_pix_loss, dtype):
+    target = reference.patchify(imgs.to(dtype), patch_size)
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
@@ -27,9 +31,11 @@ def _target(imgs, patch_size, norm_pix_loss):
 @torch.library.custom_op("usfmae::mae_loss", mutates_args=())
 def _mae_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
                  norm_pix_loss: bool) -> torch.Tensor:
-    per_patch = (pred.float() - _target(imgs, patch_size, norm_pix_loss)).square().mean(dim=-1)
-    mask = mask.float()
-    return ((per_patch * mask).sum() / mask.sum()).to(_loss_dtype(imgs, pred, mask))
+    dtype = _compute_dtype(imgs, pred, mask)
+    per_patch = (pred.to(dtype) - _target(imgs, patch_size, norm_pix_loss, dtype)).square()
+    weights = mask.to(dtype)
+    return ((per_patch.mean(dim=-1) * weights).sum() / weights.sum()).to(
+        _loss_dtype(imgs, pred, mask))
 
 
 @_mae_loss_op.register_fake
@@ -41,10 +47,11 @@ def _(imgs, pred, mask, patch_size, norm_pix_loss):
 def _mae_loss_backward_op(grad: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
                           mask: torch.Tensor, patch_size: int,
                           norm_pix_loss: bool) -> torch.Tensor:
-    mask = mask.float()
-    coeff = (2.0 / (pred.shape[-1] * mask.sum())) * grad.float()
-    diff = pred.float() - _target(imgs, patch_size, norm_pix_loss)
-    return (diff * (mask * coeff).unsqueeze(-1)).to(pred.dtype)
+    dtype = _compute_dtype(imgs, pred, mask)
+    weights = mask.to(dtype)
+    coeff = (2.0 / (pred.shape[-1] * weights.sum())) * grad.to(dtype)
+    diff = pred.to(dtype) - _target(imgs, patch_size, norm_pix_loss, dtype)
+    return (diff * (weights * coeff).unsqueeze(-1)).to(pred.dtype)
 
 
 @_mae_loss_backward_op.register_fake
