@@ -296,7 +296,7 @@ def test_torch_compile_matches_eager():
     model = tiny(img_size=(32, 48), in_chans=1, norm_pix_loss=True)
     imgs = images(model, n=2)
     noise = torch.rand(2, model.patch_embed.num_patches)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         expected = model(imgs, noise=noise)
         got = compiled(imgs, noise=noise)
