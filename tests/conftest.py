@@ -1,9 +1,19 @@
-"""Shared fixtures: which backends can run here, fresh random generators, CUDA skip marker."""
-import pytest
+"""Shared fixtures: which backends can run here, fresh random generators, CUDA skip marker.
+
+Without a CUDA device the Triton kernels are tested in Triton's interpreter on CPU tensors:
+``TRITON_INTERPRET`` must be set before usfmae_fast (and its kernels) are imported.
+"""
+import os
+
 import torch
 
-from usfmae_fast import ops
-from usfmae_fast.ops import _ext
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from usfmae_fast import ops  # noqa: E402
+from usfmae_fast.ops import _ext  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_ext = pytest.mark.skipif(not _ext.LOADED, reason=f"extension missing: {_ext.LOAD_MESSAGE}")
