@@ -1,22 +1,51 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call (the lent H100/H200 has torch, triton, timm and nvcc, no DALI):
-# build the extension against the machine's torch, run the whole test suite (CUDA tests included)
-# and every benchmark suite, writing reports and JSON under $OUT.
+# Everything GPU-side in one call on the lent H100/H200 (torch, triton, timm, nvcc, ncu and
+# compute-sanitizer there; no DALI, no network): build the extension against that torch, record
+# each CUDA kernel's registers / shared memory, run the whole test suite (CUDA and Triton tests
+# run on the GPU, bf16 included), compute-sanitizer memcheck over the CUDA kernel tests and
+# racecheck over the shared-memory ones, then every benchmark suite; JSON and logs under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} TRITON_PRINT_AUTOTUNING=1
 PY=${PYTHON:-python3}
-{ nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$OUT/env.txt" 2>&1
-pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
-pip install safetensors pydicom pytest-benchmark > "$OUT/pip.log" 2>&1 || true
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+step env
+{ nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } > "$OUT/env.txt" 2>&1
+$PY -m pip install safetensors pydicom pytest-benchmark > "$OUT/pip.log" 2>&1 || true
+
+step build
+start=$(date +%s)
+if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  echo "build failed"; tail -40 "$OUT/build.log"; exit 1
+fi
+echo "build_seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/env.txt"
 $PY -m usfmae_fast.cli info --json > "$OUT/info.json"
-$PY -m pytest tests -q -x -m "not slow" --junitxml="$OUT/tests.xml" 2>&1 | tail -20
-status=${PIPESTATUS[0]}
+"$CUDA_HOME/bin/cuobjdump" --dump-resource-usage usfmae_fast/_C*.so > "$OUT/cuda_resource_usage.txt" 2>&1
+
+step tests
+$PY -m pytest tests -q -x --durations=15 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+tail -25 "$OUT/tests.log"
+
+step sanitizer
+SAN="$CUDA_HOME/bin/compute-sanitizer"
+[ -x "$SAN" ] || SAN=$(command -v compute-sanitizer)
+if [ -n "$SAN" ] && [ -f tests/test_cuda_kernels.py ]; then
+  "$SAN" --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_cuda_kernels.py -q -x -k "not fuzz" > "$OUT/memcheck.log" 2>&1 || status=1
+  "$SAN" --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_cuda_kernels.py -q -x -k "not fuzz and (masking or attention)" > "$OUT/racecheck.log" 2>&1 || status=1
+  tail -5 "$OUT/memcheck.log" "$OUT/racecheck.log"
+fi
+
+step benchmarks
 for suite in benchmarks/bench_*.py; do
   name=$(basename "$suite" .py)
-  $PY -m pytest "$suite" -q --benchmark-json="$OUT/${name}.json" 2>&1 | tail -5
+  $PY -m pytest "$suite" -q --benchmark-json="$OUT/gpu_${name#bench_}.json" > "$OUT/${name}.log" 2>&1 || status=1
+  tail -3 "$OUT/${name}.log"
 done
+$PY benchmarks/summarize.py "$OUT"/gpu_*.json --plot "$OUT/gpu_summary.png" > "$OUT/gpu_summary.md" 2>&1
+cat "$OUT/gpu_summary.md"
 exit "$status"
