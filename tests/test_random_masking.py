@@ -7,8 +7,12 @@ import torch
 from conftest import requires_cuda, requires_ext, usable_backends
 from usfmae_fast import ops
 from usfmae_fast.ops import reference
+from usfmae_fast.ops.triton import _utils as triton_utils
 
 CPU_BACKENDS = usable_backends("random_masking", "cpu")
+requires_triton = pytest.mark.skipif(triton_utils.unavailable() is not None,
+                                     reason=f"triton cannot run: {triton_utils.unavailable()}")
+TRITON_DEVICE = triton_utils.DEVICES[0]
 LENGTHS = (1, 49, 50, 97, 197, 200)
 
 
@@ -41,7 +45,7 @@ def test_fuzz_200_cases(backend, backend_name):
     backend(backend_name)
     rng = random.Random(0)
     for _ in range(200):
-        n, length, dim = rng.randint(1, 6), rng.randint(1, 260), rng.randint(1, 70)
+        n, length, dim = rng.randint(1, 5), rng.randint(1, 100), rng.randint(1, 70)
         dtype = rng.choice((torch.float32, torch.float16, torch.bfloat16))
         noise_dtype = rng.choice((torch.float32, torch.float64, torch.float16))
         x = torch.randn(n, length, dim).to(dtype)
@@ -59,18 +63,46 @@ def test_ties_go_to_lower_index_and_nan_sorts_last(backend, backend_name):
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-def test_drawn_noise_gives_a_valid_masking(backend, backend_name):
+def test_long_rows(backend, backend_name):
+    """Rows longer than 1024 entries, with ties and NaNs across the whole row."""
     backend(backend_name)
-    x = torch.randn(6, 196, 16)
-    x_masked, mask, ids_restore = ops.random_masking(x, 0.75)
-    assert x_masked.shape == (6, 49, 16)
-    assert torch.equal(mask.sum(1), torch.full((6,), 147.0))
-    assert torch.equal(ids_restore.sort(1).values, torch.arange(196).expand(6, -1))
-    kept = (ids_restore < 49)
+    noise = torch.randint(0, 300, (2, 1030)).float()
+    noise[0, 5::11] = float("nan")
+    _check_against_reference(torch.randn(2, 1030, 3), 0.75, noise)
+
+
+def _assert_valid_masking(x, outputs, num_keep):
+    """A masking of x by some noise: a permutation, num_keep kept, consistent outputs."""
+    x_masked, mask, ids_restore = outputs
+    n, length, dim = x.shape
+    assert x_masked.shape == (n, num_keep, dim)
+    assert torch.equal(mask.sum(1), torch.full((n,), float(length - num_keep)))
+    assert torch.equal(ids_restore.sort(1).values, torch.arange(length).expand(n, -1))
+    kept = ids_restore < num_keep
     assert torch.equal(kept, mask == 0)
     # Every kept row of x appears in x_masked at its rank.
-    rows = torch.gather(x_masked, 1, ids_restore.clamp(max=48).unsqueeze(-1).expand(-1, -1, 16))
-    assert torch.equal(rows[kept], x[kept])
+    at_rank = ids_restore.clamp(max=num_keep - 1).unsqueeze(-1).expand(-1, -1, dim)
+    assert torch.equal(torch.gather(x_masked, 1, at_rank)[kept], x[kept])
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_drawn_noise_gives_a_valid_reproducible_masking(backend, backend_name):
+    backend(backend_name)
+    x = torch.randn(3, 196, 16, requires_grad=True)
+    torch.manual_seed(7)
+    outputs = ops.random_masking(x, 0.75)
+    _assert_valid_masking(x.detach(), outputs, 49)
+    torch.manual_seed(7)
+    assert all(torch.equal(a, b) for a, b in zip(ops.random_masking(x, 0.75), outputs))
+    assert not torch.equal(ops.random_masking(x, 0.75)[2], outputs[2])
+    # The gradient of the drawn masking matches the reference given the same permutation.
+    grad = torch.randn_like(outputs[0])
+    outputs[0].backward(grad)
+    kept = outputs[2] < 49
+    expected = torch.zeros_like(x)
+    expected[kept] = torch.gather(grad, 1, outputs[2].clamp(max=48).unsqueeze(-1)
+                                  .expand(-1, -1, 16))[kept]
+    assert torch.equal(x.grad, expected)
 
 
 @requires_ext
@@ -81,6 +113,23 @@ def test_opcheck_compiled_op():
                               (x, torch.rand(3, length), max(length // 4, 1)))
     torch.library.opcheck(torch.ops.usfmae.random_masking_backward.default,
                           (torch.randn(2, 12, 5), torch.randperm(50).expand(2, -1).contiguous()))
+
+
+@requires_triton
+def test_opcheck_triton_ops():
+    def randn(*shape):
+        return torch.randn(*shape, device=TRITON_DEVICE)
+
+    for length in (1, 50, 97):
+        x = randn(3, length, 8).requires_grad_(True)
+        noise = torch.rand(3, length, device=TRITON_DEVICE)
+        torch.library.opcheck(torch.ops.usfmae.random_masking_triton.default,
+                              (x, noise, None, max(length // 4, 1)))
+    seed = torch.tensor(123, device=TRITON_DEVICE)
+    torch.library.opcheck(torch.ops.usfmae.random_masking_triton.default, (x, None, seed, 40))
+    ids_restore = torch.randperm(50, device=TRITON_DEVICE).expand(2, -1).contiguous()
+    torch.library.opcheck(torch.ops.usfmae.random_masking_triton_backward.default,
+                          (randn(2, 12, 5), ids_restore))
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
@@ -96,6 +145,14 @@ def test_torch_compile_matches_eager(backend, backend_name):
     (sums, mask, ids_restore), (sums_c, mask_c, ids_c) = f(x), compiled(x)
     torch.testing.assert_close(sums_c, sums)  # inductor may reorder the fp32 sum
     assert torch.equal(mask_c, mask) and torch.equal(ids_c, ids_restore)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_torch_compile_draws_noise(backend, backend_name):
+    backend(backend_name)
+    x = torch.randn(2, 50, 8)
+    compiled = torch.compile(lambda inp: ops.random_masking(inp, 0.75), fullgraph=True)
+    _assert_valid_masking(x, compiled(x), 12)
 
 
 @pytest.mark.parametrize("call, exc, name", [
@@ -128,6 +185,28 @@ def test_bad_input_names_the_argument(call, exc, name):
 def test_compiled_op_rejects_bad_input(args, name):
     with pytest.raises(RuntimeError, match=rf"\b{name}\b"):
         torch.ops.usfmae.random_masking(*args)
+
+
+@requires_triton
+@pytest.mark.parametrize("make_args, name", [
+    (lambda d: (torch.randn(4, 5, device=d), torch.rand(4, 5, device=d), None, 2), "x"),
+    (lambda d: (torch.randn(2, 5, 3, device=d), torch.rand(2, 6, device=d), None, 2), "noise"),
+    (lambda d: (torch.randn(2, 5, 3, device=d), torch.rand(2, 5, device=d), None, 6), "num_keep"),
+    (lambda d: (torch.randn(2, 5, 3, device=d), None, None, 2), "seed"),
+    (lambda d: (torch.randn(5, 2, 3, device=d).transpose(0, 1), torch.rand(2, 5, device=d), None,
+                2), "x"),
+])
+def test_triton_op_rejects_bad_input(make_args, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        torch.ops.usfmae.random_masking_triton(*make_args(TRITON_DEVICE))
+
+
+@requires_triton
+@pytest.mark.parametrize("ids_restore", [torch.zeros(2, 5), torch.zeros(3, 5, dtype=torch.int64)])
+def test_triton_backward_rejects_bad_ids(ids_restore):
+    with pytest.raises((TypeError, ValueError), match="ids_restore"):
+        torch.ops.usfmae.random_masking_triton_backward(torch.randn(2, 3, 4, device=TRITON_DEVICE),
+                                                        ids_restore.to(TRITON_DEVICE))
 
 
 @requires_ext

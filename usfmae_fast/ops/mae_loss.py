@@ -2,13 +2,16 @@
 
 The "torch" backend is the custom op ``usfmae::mae_loss``: it computes in fp32 (fp64 for fp64
 inputs), and its backward recomputes the target from ``imgs`` instead of keeping it, so autograd
-holds only the inputs. The gradient flows to ``pred`` only (as in MAE pretraining).
+holds only the inputs. The "triton" backend is ``usfmae::mae_loss_triton``: one fused pass
+returns the loss and, when pred needs a gradient, that gradient too, which autograd keeps and
+scales. The gradient flows to ``pred`` only (as in MAE pretraining).
 """
 from __future__ import annotations
 
 import torch
 
 from . import _backend, _checks, reference
+from .triton import _utils as _triton
 
 
 def _loss_dtype(imgs, pred, mask):
@@ -17,6 +20,22 @@ def _loss_dtype(imgs, pred, mask):
 
 def _compute_dtype(imgs, pred, mask):
     return torch.promote_types(_loss_dtype(imgs, pred, mask), torch.float32)
+
+
+def _check_inputs(imgs, pred, mask, patch_size) -> int:
+    """Checks the op's arguments (each error names its argument); returns the patch size."""
+    _checks.tensor("imgs", imgs, 4, "[N, C, H, W]")
+    _checks.tensor("pred", pred, 3, "[N, L, p*p*C]")
+    _checks.tensor("mask", mask, 2, "[N, L]")
+    p = _checks.positive_int("patch_size", patch_size)
+    n, c, h, w = imgs.shape
+    _checks.divisible("image height", h, p)
+    _checks.divisible("image width", w, p)
+    length = (h // p) * (w // p)
+    _checks.shape("pred", pred, (n, length, p * p * c), "[N, L, p*p*C]")
+    _checks.shape("mask", mask, (n, length), "[N, L]")
+    _checks.same_device(imgs=imgs, pred=pred, mask=mask)
+    return p
 
 
 def _target(imgs, patch_size, norm_pix_loss, dtype):
@@ -75,20 +94,51 @@ _mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.register("mae_loss", "torch", _mae_loss_op, ("cpu", "cuda"))
 
 
+if _triton.IMPORTED:
+    from .triton import mae_loss as _triton_mae_loss
+
+    @torch.library.custom_op("usfmae::mae_loss_triton", mutates_args=())
+    def _mae_loss_triton_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                            patch_size: int, norm_pix_loss: bool,
+                            with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_inputs(imgs, pred, mask, patch_size)
+        loss, grad_pred = _triton_mae_loss.mae_loss_forward(
+            imgs, pred, mask, patch_size, norm_pix_loss, with_grad,
+            _compute_dtype(imgs, pred, mask))
+        return loss.to(_loss_dtype(imgs, pred, mask)), grad_pred
+
+    @_mae_loss_triton_op.register_fake
+    def _(imgs, pred, mask, patch_size, norm_pix_loss, with_grad):
+        return (pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask)),
+                torch.empty_like(pred) if with_grad else pred.new_empty(0))
+
+    def _setup_fused_context(ctx, inputs, output):
+        ctx.with_grad = inputs[5]
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _fused_backward(ctx, grad, _grad_of_grad_pred):
+        if not ctx.needs_input_grad[1]:
+            return (None,) * 6
+        if not ctx.with_grad:
+            raise RuntimeError("usfmae::mae_loss_triton ran with with_grad=False, so it has no "
+                               "gradient for pred; call it with with_grad=True")
+        (grad_pred,) = ctx.saved_tensors
+        return None, grad * grad_pred, None, None, None, None
+
+    _mae_loss_triton_op.register_autograd(_fused_backward, setup_context=_setup_fused_context)
+
+    def _mae_loss_triton(imgs, pred, mask, patch_size, norm_pix_loss):
+        with_grad = pred.requires_grad and torch.is_grad_enabled()
+        return _mae_loss_triton_op(imgs, pred, mask, patch_size, norm_pix_loss, with_grad)[0]
+
+    _triton.register("mae_loss", _mae_loss_triton)
+
+
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
              norm_pix_loss: bool = False) -> torch.Tensor:
     """Mean squared error of ``pred [N, L, p*p*C]`` against the patchified ``imgs [N, C, H, W]``
     on the removed patches (``mask`` 1), per-patch normalised when ``norm_pix_loss``."""
-    _checks.tensor("imgs", imgs, 4, "[N, C, H, W]")
-    _checks.tensor("pred", pred, 3, "[N, L, p*p*C]")
-    _checks.tensor("mask", mask, 2, "[N, L]")
-    p = _checks.positive_int("patch_size", patch_size)
-    n, c, h, w = imgs.shape
-    _checks.divisible("image height", h, p)
-    _checks.divisible("image width", w, p)
-    length = (h // p) * (w // p)
-    _checks.shape("pred", pred, (n, length, p * p * c), "[N, L, p*p*C]")
-    _checks.shape("mask", mask, (n, length), "[N, L]")
-    _checks.same_device(imgs=imgs, pred=pred, mask=mask)
+    p = _check_inputs(imgs, pred, mask, patch_size)
     _, fn = _backend.resolve("mae_loss", pred.device.type)
     return fn(imgs, pred, mask, p, bool(norm_pix_loss))
