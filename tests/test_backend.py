@@ -46,12 +46,14 @@ def test_named_backend_on_the_wrong_device_is_an_error(backend):
         ops.random_masking(torch.randn(2, 8, 4), 0.5)
 
 
-def test_backend_without_the_op_falls_back_with_a_warning(backend):
+def test_backend_without_the_op_falls_back_with_a_warning(backend, monkeypatch):
+    monkeypatch.setitem(_backend._REGISTRY, "only_torch", {})
+    _backend.register("only_torch", "torch", torch.neg, ("cpu",))
     backend("triton")
     _backend._warned.clear()
-    with pytest.warns(UserWarning, match="no attention_packed"):
-        out = ops.attention_packed(torch.randn(1, 4, 3, 2, 8))
-    assert out.shape == (1, 4, 16)
+    with pytest.warns(UserWarning, match="backend 'triton' has no only_torch"):
+        name, fn = _backend.resolve("only_torch", "cpu")
+    assert (name, fn) == ("torch", torch.neg)
 
 
 def test_info_reports_every_backend_with_a_reason(capsys):
