@@ -42,6 +42,21 @@ LOADED, LOAD_MESSAGE = _load()
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``usfmae::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU", "CUDA")."""
-    if not LOADED:
-        return False
+    if not LOADED or not torch._C._dispatch_has_kernel(f"usfmae::{op}"):
+        return False  # an older build of the library may lack the op altogether
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"usfmae::{op}", dispatch_key)
+
+
+def compiled_unavailable(op: str, dispatch_key: str):
+    """A reason function for the backend registry: None when ``usfmae::<op>`` runs here."""
+    has_it = has_kernel(op, dispatch_key)  # fixed once the library is loaded
+
+    def reason() -> str | None:
+        if not LOADED:
+            return LOAD_MESSAGE
+        if not has_it:
+            return f"usfmae_fast._C was built without the {dispatch_key} kernel of {op}"
+        if dispatch_key == "CUDA" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    return reason

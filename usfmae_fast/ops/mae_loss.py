@@ -2,15 +2,15 @@
 
 The "torch" backend is the custom op ``usfmae::mae_loss``: it computes in fp32 (fp64 for fp64
 inputs), and its backward recomputes the target from ``imgs`` instead of keeping it, so autograd
-holds only the inputs. The "triton" backend is ``usfmae::mae_loss_triton``: one fused pass
-returns the loss and, when pred needs a gradient, that gradient too, which autograd keeps and
-scales. The gradient flows to ``pred`` only (as in MAE pretraining).
+holds only the inputs. The "triton" backend (``usfmae::mae_loss_triton``) and the compiled
+"cpu" / "cuda" backends (``usfmae::mae_loss_fused``) make one fused pass that returns the loss
+and, when pred needs a gradient, that gradient too, which autograd keeps and scales. The gradient flows to ``pred`` only (as in MAE pretraining).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, reference
+from . import _backend, _checks, _ext, reference
 from .triton import _utils as _triton
 
 
@@ -94,6 +94,36 @@ _mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.register("mae_loss", "torch", _mae_loss_op, ("cpu", "cuda"))
 
 
+def _fused_fake(imgs, pred, mask, patch_size, norm_pix_loss, with_grad):
+    return (pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask)),
+            torch.empty_like(pred) if with_grad else pred.new_empty(0))
+
+
+def _setup_fused_context(ctx, inputs, output):
+    ctx.with_grad = inputs[5]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fused_backward(ctx, grad, _grad_of_grad_pred):
+    if not ctx.needs_input_grad[1]:
+        return (None,) * 6
+    if not ctx.with_grad:
+        raise RuntimeError("the fused mae_loss ran with with_grad=False, so it has no "
+                           "gradient for pred; call it with with_grad=True")
+    (grad_pred,) = ctx.saved_tensors
+    return None, grad * grad_pred, None, None, None, None
+
+
+def _fused_loss(op):
+    """The public signature on a fused op ``(imgs, pred, mask, p, norm, with_grad) -> (loss,
+    grad_pred)``: the gradient is computed in the same pass only when autograd will need it."""
+    def loss(imgs, pred, mask, patch_size, norm_pix_loss):
+        with_grad = pred.requires_grad and torch.is_grad_enabled()
+        return op(imgs, pred, mask, patch_size, norm_pix_loss, with_grad)[0]
+    return loss
+
+
 if _triton.IMPORTED:
     from .triton import mae_loss as _triton_mae_loss
 
@@ -107,32 +137,20 @@ if _triton.IMPORTED:
             _compute_dtype(imgs, pred, mask))
         return loss.to(_loss_dtype(imgs, pred, mask)), grad_pred
 
-    @_mae_loss_triton_op.register_fake
-    def _(imgs, pred, mask, patch_size, norm_pix_loss, with_grad):
-        return (pred.new_empty((), dtype=_loss_dtype(imgs, pred, mask)),
-                torch.empty_like(pred) if with_grad else pred.new_empty(0))
-
-    def _setup_fused_context(ctx, inputs, output):
-        ctx.with_grad = inputs[5]
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    def _fused_backward(ctx, grad, _grad_of_grad_pred):
-        if not ctx.needs_input_grad[1]:
-            return (None,) * 6
-        if not ctx.with_grad:
-            raise RuntimeError("usfmae::mae_loss_triton ran with with_grad=False, so it has no "
-                               "gradient for pred; call it with with_grad=True")
-        (grad_pred,) = ctx.saved_tensors
-        return None, grad * grad_pred, None, None, None, None
-
+    _mae_loss_triton_op.register_fake(_fused_fake)
     _mae_loss_triton_op.register_autograd(_fused_backward, setup_context=_setup_fused_context)
+    _triton.register("mae_loss", _fused_loss(_mae_loss_triton_op))
 
-    def _mae_loss_triton(imgs, pred, mask, patch_size, norm_pix_loss):
-        with_grad = pred.requires_grad and torch.is_grad_enabled()
-        return _mae_loss_triton_op(imgs, pred, mask, patch_size, norm_pix_loss, with_grad)[0]
-
-    _triton.register("mae_loss", _mae_loss_triton)
+_COMPILED = "usfmae::mae_loss_fused"
+if _ext.has_kernel("mae_loss_fused", "CPU") or _ext.has_kernel("mae_loss_fused", "CUDA"):
+    torch.library.register_fake(_COMPILED)(_fused_fake)
+    torch.library.register_autograd(_COMPILED, _fused_backward,
+                                    setup_context=_setup_fused_context)
+    _compiled_loss = _fused_loss(torch.ops.usfmae.mae_loss_fused)
+    _backend.register("mae_loss", "cpu", _compiled_loss, ("cpu",),
+                      _ext.compiled_unavailable("mae_loss_fused", "CPU"))
+    _backend.register("mae_loss", "cuda", _compiled_loss, ("cuda",),
+                      _ext.compiled_unavailable("mae_loss_fused", "CUDA"))
 
 
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,

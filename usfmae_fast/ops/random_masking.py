@@ -66,26 +66,11 @@ if _ext.LOADED:
     _register_autograd("usfmae::random_masking", torch.ops.usfmae.random_masking_backward)
 
 
-_COMPILED_KEYS = {key: _ext.has_kernel("random_masking", key) for key in ("CPU", "CUDA")}
-
-
-def _compiled_unavailable(key: str):
-    def reason() -> str | None:
-        if not _ext.LOADED:
-            return _ext.LOAD_MESSAGE
-        if not _COMPILED_KEYS[key]:
-            return f"usfmae_fast._C was built without {key} kernels"
-        if key == "CUDA" and not torch.cuda.is_available():
-            return "no CUDA device"
-        return None
-    return reason
-
-
 _backend.register("random_masking", "torch", _draws_noise(reference.mask_by_noise), ("cpu", "cuda"))
 _backend.register("random_masking", "cpu", _draws_noise(_masking_compiled), ("cpu",),
-                  _compiled_unavailable("CPU"))
+                  _ext.compiled_unavailable("random_masking", "CPU"))
 _backend.register("random_masking", "cuda", _draws_noise(_masking_compiled), ("cuda",),
-                  _compiled_unavailable("CUDA"))
+                  _ext.compiled_unavailable("random_masking", "CUDA"))
 
 
 if _triton.IMPORTED:
