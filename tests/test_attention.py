@@ -1,19 +1,30 @@
 """attention and attention_packed: every usable backend against ops/reference.py."""
+import random
+
 import pytest
 import torch
 
 from conftest import requires_cuda, usable_backends
 from usfmae_fast import ops
 from usfmae_fast.ops import reference
+from usfmae_fast.ops.triton import _utils as triton_utils
 
 CPU_BACKENDS = usable_backends("attention_packed", "cpu")
 SEQ_LENS = (1, 49, 50, 97, 197, 200)
+# The Triton kernels run on the GPU when there is one, otherwise in Triton's interpreter on CPU.
+TRITON_DEVICE = triton_utils.DEVICES[0]
+requires_triton = pytest.mark.skipif(
+    "triton" not in usable_backends("attention_packed", TRITON_DEVICE),
+    reason=f"triton backend unusable: {triton_utils.unavailable()}")
 
 
-def _grads(fn, *inputs):
+def _grads(fn, *inputs, grad=None):
+    """[output, grad of each input] of ``fn(*inputs)`` for the output gradient ``grad``."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
-    out.backward(torch.ones_like(out) * 0.1 + torch.arange(out.shape[-1], device=out.device) * 0.01)
+    if grad is None:
+        grad = torch.ones_like(out) * 0.1 + torch.arange(out.shape[-1], device=out.device) * 0.01
+    out.backward(grad.to(out.dtype))
     return [out.detach()] + [t.grad for t in leaves]
 
 
@@ -42,15 +53,26 @@ def test_unpacked_matches_reference(backend, backend_name, seq_q, seq_k):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+def _low_precision_errors(qkv, dtype):
+    """Max error of ops.attention_packed (output and gradient) and of the reference run in
+    ``dtype``, both against the fp64 reference."""
+    grad = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[3] * qkv.shape[4], device=qkv.device)
+    exact = _grads(reference.attention_packed, qkv.double(), grad=grad)
+    low = _grads(reference.attention_packed, qkv.to(dtype), grad=grad)
+    ours = _grads(ops.attention_packed, qkv.to(dtype), grad=grad)
+    return [((o.double() - e).abs().max(), (t.double() - e).abs().max())
+            for o, t, e in zip(ours, low, exact)]
+
+
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_error_at_most_twice_pytorchs(backend, backend_name, dtype):
+    if backend_name == "triton" and dtype == torch.bfloat16 and triton_utils.INTERPRET:
+        pytest.skip("Triton's interpreter has no bfloat16 (tl.dot returns garbage); "
+                    "bf16 is tested on a CUDA device")
     backend(backend_name)
-    qkv = torch.randn(2, 97, 3, 4, 64)
-    exact = reference.attention_packed(qkv.double())
-    torch_err = (reference.attention_packed(qkv.to(dtype)).double() - exact).abs().max()
-    ours_err = (ops.attention_packed(qkv.to(dtype)).double() - exact).abs().max()
-    assert ours_err <= 2 * torch_err + 1e-6
+    for ours_err, torch_err in _low_precision_errors(torch.randn(2, 97, 3, 4, 64), dtype):
+        assert ours_err <= 2 * torch_err + 1e-6
 
 
 def test_torch_compile_matches_eager():
@@ -86,7 +108,118 @@ def test_cuda_low_precision(backend, dtype, seq):
     for name in usable_backends("attention_packed", "cuda"):
         backend(name)
         qkv = torch.randn(4, seq, 3, 12, 64, device="cuda")
-        exact = reference.attention_packed(qkv.double())
-        torch_err = (reference.attention_packed(qkv.to(dtype)).double() - exact).abs().max()
-        ours_err = (ops.attention_packed(qkv.to(dtype)).double() - exact).abs().max()
-        assert ours_err <= 2 * torch_err + 1e-6
+        for ours_err, torch_err in _low_precision_errors(qkv, dtype):
+            assert ours_err <= 2 * torch_err + 1e-6, name
+
+
+def _fuzz_case(rng):
+    """Random shapes, layout (packed, strided views of a packed projection, separate tensors
+    with their own key length), dtype and scale. Long sequences get few heads: the interpreter
+    runs the kernels one program at a time."""
+    layout = rng.choice(("packed", "views", "separate"))
+    n_q, d = rng.randint(1, 210), rng.choice((32, 64, 128))
+    n_kv = rng.randint(1, 210) if layout == "separate" else n_q
+    b, h = rng.randint(1, 3), rng.randint(1, 3)
+    while b * h * max(n_q, n_kv) > 210:
+        b, h = rng.randint(1, 3), rng.randint(1, 3)
+    dtype = rng.choice((torch.float32, torch.float16))
+    scale = rng.choice((None, rng.uniform(0.05, 0.3)))
+    if layout == "packed":
+        fn = lambda *t: ops.attention_packed(*t, scale=scale)  # noqa: E731
+        ref = lambda *t: reference.attention_packed(*t, scale)  # noqa: E731
+        inputs = [torch.randn(b, n_q, 3, h, d)]
+    else:
+        fn = lambda *t: ops.attention(*t, scale=scale)  # noqa: E731
+        ref = lambda *t: reference.attention(*t, scale)  # noqa: E731
+        inputs = (reference.split_qkv(torch.randn(b, n_q, 3, h, d)) if layout == "views" else
+                  [torch.randn(b, h, n, d) for n in (n_q, n_kv, n_kv)])
+    inputs = [t.to(TRITON_DEVICE, dtype) for t in inputs]
+    case = f"{layout} b={b} h={h} n={n_q}/{n_kv} d={d} {dtype} scale={scale}"
+    return fn, ref, inputs, dtype, case
+
+
+@requires_triton
+def test_triton_fuzz_200_cases(backend):
+    backend("triton")
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    for _ in range(200):
+        fn, ref, inputs, dtype, case = _fuzz_case(rng)
+        out_shape = ref(*inputs).shape
+        grad = torch.randn(out_shape, device=TRITON_DEVICE)
+        expected = _grads(ref, *(t.float() for t in inputs), grad=grad)
+        got = _grads(fn, *inputs, grad=grad)
+        tol = 2e-5 if dtype == torch.float32 else 2e-3
+        for name, e, g in zip(("out", "grad 1", "grad 2", "grad 3"), expected, got):
+            assert g.dtype == dtype and g.shape == e.shape, f"{name}: {case}"
+            magnitude = max(e.abs().max().item(), 1.0)  # errors grow with it
+            torch.testing.assert_close(g.float(), e, rtol=tol, atol=tol * magnitude,
+                                       msg=lambda m: f"{name} ({case}): {m}")
+
+
+@requires_triton
+@pytest.mark.parametrize("d_qk, d_v", [(8, 8), (48, 48), (80, 24), (256, 256)])
+def test_triton_other_head_dims_and_strides(backend, d_qk, d_v):
+    backend("triton")
+    q = torch.randn(1, 2, 37, d_qk, device=TRITON_DEVICE)
+    k = torch.randn(1, 2, d_qk, 45, device=TRITON_DEVICE).transpose(2, 3)  # last stride != 1
+    v = torch.randn(1, 2, 45, d_v, device=TRITON_DEVICE)
+    grad = torch.randn(d_v, device=TRITON_DEVICE).expand(1, 2, 37, d_v)  # zero strides
+    expected = _grads(reference.attention, q, k, v, grad=grad)
+    for e, g in zip(expected, _grads(ops.attention, q, k, v, grad=grad)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@requires_triton
+def test_triton_opcheck():
+    """The forward ops with inputs that require grad (autograd registration), the backward ops
+    on the forward's outputs."""
+    q, k, v = (torch.randn(1, 2, n, 16, device=TRITON_DEVICE) for n in (5, 7, 7))
+    torch.library.opcheck(torch.ops.usfmae.attention_triton.default,
+                          (*(t.requires_grad_() for t in (q, k, v)), 0.3))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.usfmae.attention_triton(q, k, v, 0.3)
+    torch.library.opcheck(torch.ops.usfmae.attention_triton_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, 0.3))
+    qkv = torch.randn(1, 5, 3, 2, 16, device=TRITON_DEVICE)
+    torch.library.opcheck(torch.ops.usfmae.attention_packed_triton.default,
+                          (qkv.requires_grad_(), 0.3))
+    qkv = qkv.detach()
+    out, lse = torch.ops.usfmae.attention_packed_triton(qkv, 0.3)
+    torch.library.opcheck(torch.ops.usfmae.attention_packed_triton_backward.default,
+                          (torch.randn_like(out), qkv, out, lse, 0.3))
+
+
+@requires_triton
+def test_triton_torch_compile_matches_eager(backend):
+    backend("triton")
+    qkv = torch.randn(2, 50, 3, 2, 32, device=TRITON_DEVICE)
+    compiled = torch.compile(ops.attention_packed, fullgraph=True)
+    for e, g in zip(_grads(ops.attention_packed, qkv), _grads(compiled, qkv)):
+        torch.testing.assert_close(g, e)
+
+
+def _on_triton_device(*shape, dtype=torch.float32, device=None):
+    return torch.randn(*shape, dtype=dtype, device=device or TRITON_DEVICE)
+
+
+@requires_triton
+@pytest.mark.parametrize("call, exc, name", [
+    (lambda: ops.attention_packed(_on_triton_device(1, 4, 3, 1, 300)), ValueError, "head_dim"),
+    (lambda: ops.attention(_on_triton_device(1, 1, 4, 8), _on_triton_device(1, 1, 4, 8),
+                           _on_triton_device(1, 1, 4, 264)), ValueError, "v"),
+    (lambda: ops.attention_packed(_on_triton_device(1, 4, 3, 1, 8, dtype=torch.float64)),
+     TypeError, "qkv"),
+    (lambda: ops.attention(*(_on_triton_device(1, 1, 4, 8, dtype=torch.float64) for _ in "qkv")),
+     TypeError, "q"),
+    (lambda: ops.attention(_on_triton_device(1, 1, 4, 8), _on_triton_device(1, 1, 4, 8),
+                           _on_triton_device(1, 1, 4, 8, device="meta")), ValueError, "v"),
+    pytest.param(
+        lambda: ops.attention_packed(_on_triton_device(1, 4, 3, 1, 8, dtype=torch.bfloat16)),
+        TypeError, "qkv", marks=pytest.mark.skipif(
+            not triton_utils.INTERPRET, reason="bf16 is refused only by the interpreter")),
+])
+def test_triton_bad_input_names_the_argument(backend, call, exc, name):
+    backend("triton")
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        call()

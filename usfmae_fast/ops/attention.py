@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _checks, reference
+from .triton import _utils as _triton_utils
 
 
 def _sdpa(q, k, v, scale):
@@ -18,6 +19,10 @@ def _sdpa_packed(qkv, scale):
 
 _backend.register("attention", "torch", _sdpa, ("cpu", "cuda"))
 _backend.register("attention_packed", "torch", _sdpa_packed, ("cpu", "cuda"))
+if _triton_utils.IMPORTED:
+    from .triton import attention as _triton_attention
+    _triton_utils.register("attention", _triton_attention.attention)
+    _triton_utils.register("attention_packed", _triton_attention.attention_packed)
 
 
 def _scale(scale) -> float | None:
