@@ -36,8 +36,9 @@ def test_env_variable_selects_backend():
 @requires_ext
 def test_auto_prefers_the_compiled_cpu_kernel(backend):
     backend("auto")
-    assert _backend.resolve("random_masking", "cpu")[0] == "cpu"
-    assert _backend.resolve("random_masking", "meta")[0] == "torch"
+    for op in ("random_masking", "mae_loss", "attention", "attention_packed"):
+        assert _backend.resolve(op, "cpu")[0] == "cpu", op
+        assert _backend.resolve(op, "meta")[0] == "torch", op
 
 
 def test_named_backend_on_the_wrong_device_is_an_error(backend):

@@ -1,4 +1,5 @@
-// random_masking on the CPU: one stable sort of the noise per row, rows in parallel (OpenMP).
+// random_masking on the CPU: per row, one sort of unique (noise key, index) pairs gives the stable
+// order of the noise; kept rows are copied with memcpy. Rows run in parallel (OpenMP).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -6,8 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
-#include <numeric>
+#include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../random_masking_checks.h"
@@ -15,10 +19,20 @@
 namespace usfmae {
 namespace {
 
-// NaN sorts after every number, as in torch.sort.
-template <typename T>
-bool noise_less(T a, T b) {
-  return a < b || (std::isnan(b) && !std::isnan(a));
+constexpr int64_t kBytesPerTask = 32 * 1024;
+
+// Unsigned key that orders noise values as torch.sort does: -0.0 == 0.0, NaN after every number
+// and all NaNs equal. Paired with the patch index, the keys sort into the stable order.
+template <typename noise_t>
+auto sort_key(noise_t value) {
+  using key_t = std::conditional_t<sizeof(noise_t) == 4, uint32_t, uint64_t>;
+  static_assert(sizeof(key_t) == sizeof(noise_t));
+  constexpr key_t sign = key_t(1) << (8 * sizeof(key_t) - 1);
+  if (std::isnan(value)) return std::numeric_limits<key_t>::max();
+  if (value == 0) return sign;
+  key_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return (bits & sign) ? key_t(~bits) : key_t(bits | sign);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& x,
@@ -26,37 +40,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
                                                                   int64_t num_keep) {
   check_random_masking(x, noise_in, num_keep);
   const int64_t n_rows = x.size(0), length = x.size(1), dim = x.size(2);
+  TORCH_CHECK(length <= std::numeric_limits<uint32_t>::max(), "random_masking (CPU): L = ",
+              length, " patches exceeds the kernel's limit of 2^32 - 1");
   // Half/bfloat16 -> float is exact and keeps the order; float64 stays as it is.
-  const at::Tensor noise = noise_in.scalar_type() == at::kDouble ? noise_in : noise_in.to(at::kFloat);
+  const at::Tensor noise =
+      noise_in.scalar_type() == at::kDouble ? noise_in : noise_in.to(at::kFloat);
   at::Tensor x_masked = at::empty({n_rows, num_keep, dim}, x.options());
   at::Tensor mask = at::empty({n_rows, length}, x.options());
   at::Tensor ids_restore = at::empty({n_rows, length}, x.options().dtype(at::kLong));
-  int64_t* ids = ids_restore.data_ptr<int64_t>();
+  const int64_t row_bytes = dim * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(x_masked.mutable_data_ptr());
+  int64_t* ids = ids_restore.mutable_data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES(noise.scalar_type(), "random_masking_cpu_noise", [&] {
-    using noise_t = scalar_t;
-    const noise_t* noise_data = noise.data_ptr<noise_t>();
+    const scalar_t* noise_data = noise.const_data_ptr<scalar_t>();
+    using entry_t = std::pair<decltype(sort_key(scalar_t{})), uint32_t>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                     "random_masking_cpu", [&] {
-      const scalar_t* src = x.data_ptr<scalar_t>();
-      scalar_t* dst = x_masked.data_ptr<scalar_t>();
-      scalar_t* mask_data = mask.data_ptr<scalar_t>();
+      scalar_t* mask_data = mask.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-        std::vector<int64_t> order(length);
+        std::vector<entry_t> order(length);
         for (int64_t row = begin; row < end; ++row) {
-          const noise_t* row_noise = noise_data + row * length;
-          std::iota(order.begin(), order.end(), int64_t{0});
-          std::stable_sort(order.begin(), order.end(), [row_noise](int64_t a, int64_t b) {
-            return noise_less(row_noise[a], row_noise[b]);
-          });
-          for (int64_t rank = 0; rank < length; ++rank) {
-            const int64_t patch = order[rank];
-            ids[row * length + patch] = rank;
-            mask_data[row * length + patch] = scalar_t(rank < num_keep ? 0 : 1);
+          const int64_t offset = row * length;
+          for (int64_t l = 0; l < length; ++l) {
+            order[l] = {sort_key(noise_data[offset + l]), static_cast<uint32_t>(l)};
           }
+          std::sort(order.begin(), order.end());
+          for (int64_t rank = 0; rank < length; ++rank) {
+            const int64_t patch = offset + order[rank].second;
+            ids[patch] = rank;
+            mask_data[patch] = scalar_t(rank < num_keep ? 0 : 1);
+          }
+          if (row_bytes == 0) continue;  // memcpy wants valid pointers even for 0 bytes
           for (int64_t rank = 0; rank < num_keep; ++rank) {
-            std::memcpy(dst + (row * num_keep + rank) * dim, src + (row * length + order[rank]) * dim,
-                        dim * sizeof(scalar_t));
+            std::memcpy(dst + (row * num_keep + rank) * row_bytes,
+                        src + (offset + order[rank].second) * row_bytes, row_bytes);
           }
         }
       });
@@ -70,22 +89,24 @@ at::Tensor random_masking_backward_cpu(const at::Tensor& grad, const at::Tensor&
   const int64_t n_rows = grad.size(0), num_keep = grad.size(1), dim = grad.size(2);
   const int64_t length = ids_restore.size(1);
   at::Tensor grad_x = at::empty({n_rows, length, dim}, grad.options());
-  const int64_t* ids = ids_restore.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                  "random_masking_backward_cpu", [&] {
-    const scalar_t* src = grad.data_ptr<scalar_t>();
-    scalar_t* dst = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, n_rows * length, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t rank = ids[i];
-        scalar_t* out = dst + i * dim;
-        if (rank >= 0 && rank < num_keep) {
-          std::memcpy(out, src + ((i / length) * num_keep + rank) * dim, dim * sizeof(scalar_t));
-        } else {
-          std::fill(out, out + dim, scalar_t(0));
-        }
+  if (grad_x.numel() == 0) return grad_x;
+  const int64_t row_bytes = dim * grad.element_size();
+  const char* src = static_cast<const char*>(grad.const_data_ptr());
+  char* dst = static_cast<char*>(grad_x.mutable_data_ptr());
+  const int64_t* ids = ids_restore.const_data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, kBytesPerTask / row_bytes);
+  // Row l of grad_x is row ids_restore[l] of grad_x_masked when kept, zeros (all-zero bits in
+  // every floating type) when removed.
+  at::parallel_for(0, n_rows * length, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t rank = ids[i];
+      char* out = dst + i * row_bytes;
+      if (rank >= 0 && rank < num_keep) {
+        std::memcpy(out, src + ((i / length) * num_keep + rank) * row_bytes, row_bytes);
+      } else {
+        std::memset(out, 0, row_bytes);
       }
-    });
+    }
   });
   return grad_x;
 }

@@ -1,11 +1,19 @@
 """Public ``attention`` ops: non-causal softmax attention, plain ``[B, H, N, d]`` and packed
-(reads the qkv projection ``[B, N, 3, H, d]``, writes ``[B, N, H*d]``)."""
+(reads the qkv projection ``[B, N, 3, H, d]``, writes ``[B, N, H*d]``).
+
+Backends: "torch" (SDPA), "triton" (``usfmae::attention_triton``), and the compiled "cpu" / "cuda"
+kernels ``usfmae::attention_fwd`` / ``attention_packed_fwd`` (fake kernels and autograd are
+registered here). The compiled kernels take self-attention shapes (k and v shaped like q, which
+is what a ViT has); other shapes run SDPA with a warning.
+"""
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _checks, reference
+from . import _backend, _checks, _ext, reference
 from .triton import _utils as _triton_utils
 
 
@@ -23,6 +31,95 @@ if _triton_utils.IMPORTED:
     from .triton import attention as _triton_attention
     _triton_utils.register("attention", _triton_attention.attention)
     _triton_utils.register("attention_packed", _triton_attention.attention_packed)
+
+
+# The CUDA kernels' CUDA-core path keeps d / 32 values per lane (csrc/cuda/attention_simple.cuh).
+_CUDA_MAX_HEAD_DIM = 128
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _register_compiled() -> None:
+    """Fake kernels and autograd of the compiled attention ops, and their "cpu" / "cuda" backends."""
+    def fwd_fake(q, k, v, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    def bwd_fake(grad_out, q, k, v, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def packed_fwd_fake(qkv, scale):
+        b, n, _, h, d = qkv.shape
+        return qkv.new_empty(b, n, h * d), qkv.new_empty(b, h, n, dtype=torch.float32)
+
+    def packed_bwd_fake(grad_out, qkv, out, lse, scale):
+        return qkv.new_empty(qkv.shape)
+
+    def setup_context(ctx, inputs, output):
+        *tensors, ctx.scale = inputs
+        ctx.save_for_backward(*tensors, *output)
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out, _grad_lse):
+        *inputs, out, lse = ctx.saved_tensors
+        grads = torch.ops.usfmae.attention_bwd(_unit_last_stride(grad_out), *inputs, out, lse,
+                                               ctx.scale)
+        return *grads, None
+
+    def packed_backward(ctx, grad_out, _grad_lse):
+        qkv, out, lse = ctx.saved_tensors
+        return torch.ops.usfmae.attention_packed_bwd(_unit_last_stride(grad_out), qkv, out, lse,
+                                                     ctx.scale), None
+
+    for op, fake in (("attention_fwd", fwd_fake), ("attention_bwd", bwd_fake),
+                     ("attention_packed_fwd", packed_fwd_fake),
+                     ("attention_packed_bwd", packed_bwd_fake)):
+        torch.library.register_fake(f"usfmae::{op}")(fake)
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("the compiled attention backward is not differentiable (no double "
+                           "backward); use backend 'torch' for higher-order gradients")
+
+    for op in ("attention_bwd", "attention_packed_bwd"):
+        torch.library.register_autograd(f"usfmae::{op}", no_double_backward)
+    torch.library.register_autograd("usfmae::attention_fwd", backward,
+                                    setup_context=setup_context)
+    torch.library.register_autograd("usfmae::attention_packed_fwd", packed_backward,
+                                    setup_context=setup_context)
+
+    def head_dim_fits(name, t):
+        if t.device.type == "cuda" and t.shape[-1] > _CUDA_MAX_HEAD_DIM:
+            raise ValueError(f"{name}: the cuda backend takes head_dim <= {_CUDA_MAX_HEAD_DIM}, "
+                             f"got {t.shape[-1]} (use backend 'triton' or 'torch')")
+
+    def compiled(q, k, v, scale):
+        if not q.shape == k.shape == v.shape:
+            warnings.warn("the compiled attention kernels take k and v shaped like q; running "
+                          f"SDPA for q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}",
+                          stacklevel=3)
+            return _sdpa(q, k, v, scale)
+        head_dim_fits("q", q)
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        return torch.ops.usfmae.attention_fwd(q, k, v, _default_scale(q, scale))[0]
+
+    def compiled_packed(qkv, scale):
+        head_dim_fits("qkv", qkv)
+        return torch.ops.usfmae.attention_packed_fwd(qkv, _default_scale(qkv, scale))[0]
+
+    for key in ("CPU", "CUDA"):
+        backend = key.lower()
+        _backend.register("attention", backend, compiled, (backend,),
+                          _ext.compiled_unavailable("attention_fwd", key))
+        _backend.register("attention_packed", backend, compiled_packed, (backend,),
+                          _ext.compiled_unavailable("attention_packed_fwd", key))
+
+
+def _default_scale(t: torch.Tensor, scale: float | None) -> float:
+    return t.shape[-1] ** -0.5 if scale is None else scale
+
+
+if _ext.has_kernel("attention_fwd", "CPU") or _ext.has_kernel("attention_fwd", "CUDA"):
+    _register_compiled()
 
 
 def _scale(scale) -> float | None:
