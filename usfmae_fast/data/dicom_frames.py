@@ -1,11 +1,11 @@
-"""Real ultrasound frames from DICOM files, as 8-bit grayscale numpy arrays.
+"""Real ultrasound frames from DICOM files, as 8-bit grayscale (or RGB) numpy arrays.
 
 Handles single-frame and multi-frame (cine) files; RGB, YBR_* (converted to RGB by the
 decoder), PALETTE COLOR (expanded through its colour LUT), MONOCHROME1/2; 8 and 16 bit;
 uncompressed and compressed transfer syntaxes (JPEG, JPEG 2000 and RLE through pylibjpeg).
 A file that cannot be read or decoded is reported with a warning and skipped.
 
-The ultrasound DICOMs shipped by ``pydicom-data`` (several vendors, 21 files, ~190 frames)
+The ultrasound DICOMs shipped by ``pydicom-data`` (several vendors, 21 files, 172 frames)
 are the real data for smoke pretraining, the demo and the tests; nothing is downloaded.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ def ultrasound_test_files() -> list[Path]:
     return found
 
 
-def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
+def to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
     """Gray values holding ``bits`` significant bits -> 0..255 (min-max when deeper than 8)."""
     if arr.dtype == np.uint8:
         return arr
@@ -75,39 +75,39 @@ def _lut_needs_byteswap(ds) -> bool:
     return little is not None and little != (sys.byteorder == "little")
 
 
-def _frame_to_gray(frame: np.ndarray, ds, photometric: str, bits: int) -> np.ndarray:
-    """One decoded frame in its post-decode ``photometric`` interpretation -> uint8 [H, W]."""
+def _frame_to_uint8(frame: np.ndarray, ds, photometric: str, bits: int,
+                    color: bool = False) -> np.ndarray:
+    """One decoded frame in its post-decode ``photometric`` interpretation -> uint8: ``[H, W]``
+    gray, or ``[H, W, 3]`` RGB when ``color`` and the frame is colour (RGB, YBR, palette)."""
     from pydicom.pixels import apply_color_lut, convert_color_space
 
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(frame, ds)
         if rgb.dtype.itemsize > 1 and _lut_needs_byteswap(ds):
             rgb = rgb.byteswap()
-        # LUT entries are 8 or 16 bit regardless of the index depth
-        lut_bits = 16 if rgb.dtype.itemsize > 1 else 8
-        gray = rgb.astype(np.float32) @ _LUMA / (2 ** (lut_bits - 8))
-        return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-    if frame.ndim == 3:  # 3 samples per pixel
+        bits = 16 if rgb.dtype.itemsize > 1 else 8  # LUT entries: 8 or 16 bit whatever the index
+    elif frame.ndim == 3:  # 3 samples per pixel
+        rgb = frame
         if photometric in ("YBR_FULL", "YBR_FULL_422"):  # only if a decoder left it as YBR
-            frame = convert_color_space(frame, photometric, "RGB")
-        gray = frame.astype(np.float32) @ _LUMA
-        if bits > 8:
-            gray = gray / (2 ** (bits - 8))
-        return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-    if frame.ndim != 2:
+            rgb = convert_color_space(frame, photometric, "RGB")
+    elif frame.ndim == 2:
+        gray = to_uint8(frame, bits)
+        return 255 - gray if photometric == "MONOCHROME1" else gray  # MONOCHROME1: 0 = white
+    else:
         raise DicomFrameError(f"unexpected decoded frame shape {frame.shape}")
-    gray = _to_uint8(frame, bits)
-    return 255 - gray if photometric == "MONOCHROME1" else gray  # MONOCHROME1: 0 = white
+    if color and bits == 8 and rgb.dtype == np.uint8:
+        return rgb
+    out = rgb.astype(np.float32)
+    if not color:
+        out = out @ _LUMA
+    if bits > 8:
+        out = out / (2 ** (bits - 8))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def read_gray_frames(path: PathLike, max_frames: int | None = None) -> list[np.ndarray]:
-    """All frames of one DICOM file as uint8 ``[H, W]`` arrays.
-
-    ``max_frames`` keeps that many frames evenly spaced through a cine loop (neighbouring cine
-    frames are nearly identical). Raises :class:`DicomFrameError` with the reason on failure.
-    """
+def open_dicom(path: PathLike):
+    """The dataset of a DICOM file that has pixel data; :class:`DicomFrameError` otherwise."""
     import pydicom
-    from pydicom.pixels import get_decoder
 
     try:
         with warnings.catch_warnings():
@@ -117,21 +117,32 @@ def read_gray_frames(path: PathLike, max_frames: int | None = None) -> list[np.n
         raise DicomFrameError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
         raise DicomFrameError(f"{path}: has no pixel data")
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    indices = range(n_frames)
-    if max_frames is not None and n_frames > max_frames:
-        indices = sorted({int(i) for i in np.linspace(0, n_frames - 1, max_frames).round()})
+    return ds
+
+
+def number_of_frames(ds) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def iter_frames(ds, path: PathLike, indices: Sequence[int] | None = None,
+                color: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """``(index, uint8 frame)`` for the frames ``indices`` (default: all) of the dataset ``ds``
+    read from ``path``; see :func:`_frame_to_uint8` for ``color``. Frames are decoded one at a
+    time. Raises :class:`DicomFrameError` naming ``path`` and the reason on failure."""
+    from pydicom.pixels import get_decoder
+
+    indices = list(range(number_of_frames(ds)) if indices is None else indices)
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    frames = []
     try:
         if syntax is None:
             raise DicomFrameError("no (0002,0010) Transfer Syntax UID in the file meta")
         # The decoder reports the post-decode pixel module (YBR_* arrive as RGB, for instance).
-        for frame, decoded in get_decoder(syntax).iter_array(ds, indices=indices):
+        decoded_frames = get_decoder(syntax).iter_array(ds, indices=indices)
+        for index, (frame, decoded) in zip(indices, decoded_frames):
             photometric = str(decoded.get("photometric_interpretation",
                                           ds.get("PhotometricInterpretation", "MONOCHROME2")))
             bits = int(decoded.get("bits_stored", ds.get("BitsStored", 8)))
-            frames.append(_frame_to_gray(frame, ds, photometric, bits))
+            yield index, _frame_to_uint8(frame, ds, photometric, bits, color)
     except DicomFrameError as exc:
         raise DicomFrameError(f"{path}: {exc}") from exc
     except Exception as exc:
@@ -139,7 +150,20 @@ def read_gray_frames(path: PathLike, max_frames: int | None = None) -> list[np.n
         raise DicomFrameError(
             f"{path}: cannot decode pixel data (transfer syntax {name}): {type(exc).__name__}: {exc}"
         ) from exc
-    return frames
+
+
+def read_gray_frames(path: PathLike, max_frames: int | None = None) -> list[np.ndarray]:
+    """All frames of one DICOM file as uint8 ``[H, W]`` arrays.
+
+    ``max_frames`` keeps that many frames evenly spaced through a cine loop (neighbouring cine
+    frames are nearly identical). Raises :class:`DicomFrameError` with the reason on failure.
+    """
+    ds = open_dicom(path)
+    n_frames = number_of_frames(ds)
+    indices = None
+    if max_frames is not None and n_frames > max_frames:
+        indices = sorted({int(i) for i in np.linspace(0, n_frames - 1, max_frames).round()})
+    return [frame for _, frame in iter_frames(ds, path, indices)]
 
 
 def _frame_key(frame: np.ndarray) -> bytes:
