@@ -28,7 +28,9 @@ $PY -m usfmae_fast.cli info --json > "$OUT/info.json"
 "$CUDA_HOME/bin/cuobjdump" --dump-resource-usage usfmae_fast/_C*.so > "$OUT/cuda_resource_usage.txt" 2>&1
 
 step tests
-$PY -m pytest tests -q -x --durations=15 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+# No -x: one call must report everything. The GPU machine lacks the ingest / DALI packages
+# (opencv, PyAV, nibabel, DALI), so those modules' collection errors are reported, not fatal.
+$PY -m pytest tests -q --continue-on-collection-errors --durations=15 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 tail -25 "$OUT/tests.log"
 
 step sanitizer
