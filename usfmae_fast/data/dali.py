@@ -89,9 +89,11 @@ class DaliImageLoader(EpochLoader):
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self):
-        epoch = self._take_epoch()
-        if self._iterator is None or self._resume_at != (epoch, 0):
-            self._restart(epoch, 0)
+        epoch, start = self._take_epoch()
+        if start >= len(self.plan(epoch)):
+            return
+        if self._iterator is None or self._resume_at != (epoch, start):
+            self._restart(epoch, start)
         while True:
             batch, images = self._pending or self._next_output()
             self._pending = None

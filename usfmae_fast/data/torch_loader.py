@@ -112,6 +112,8 @@ class GrayFrameDataset(Dataset):
     scanner frames.
     """
 
+    labelled = False  # frames carry no labels
+
     def __init__(self, frames: Sequence[np.ndarray], img_size: int, train: bool = True,
                  mean: float = US_MEAN, std: float = US_STD, seed: int = 0,
                  base_size: int | None = None):
@@ -241,18 +243,22 @@ class EpochLoader:
     :meth:`set_epoch`) along :func:`~usfmae_fast.data.image_files.epoch_batches` and yields
     ``(images [B, C, S, S] on cfg.device in cfg.dtype, labels [B] int64 or None)``."""
 
-    def __init__(self, images: ImageList, cfg: LoaderConfig):
+    def __init__(self, images: ImageList | GrayFrameDataset, cfg: LoaderConfig):
         if cfg.kind == "train" and not images.labelled:
             raise ValueError("kind='train' needs labels (a path,label CSV, 'folder' or 'cls')")
         self.images, self.cfg = images, cfg
         self.with_labels = cfg.kind != "pretrain" and images.labelled
-        self._next_epoch = 0
+        self._next_epoch, self._start_batch = 0, 0
         if len(self) == 0:
             raise ValueError(f"{len(images)} images give rank {cfg.rank} of {cfg.world_size} "
                              f"no batch of {cfg.batch_size}; lower batch_size")
 
-    def set_epoch(self, epoch: int) -> None:
-        self._next_epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next pass runs ``epoch`` from its planned batch ``start_batch`` on (resuming a
+        run mid-epoch skips the batches already trained on without reading them)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self._next_epoch, self._start_batch = int(epoch), int(start_batch)
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         return self.cfg.plan(len(self.images), epoch)
@@ -260,9 +266,12 @@ class EpochLoader:
     def __len__(self) -> int:
         return len(self.plan(0))
 
-    def _take_epoch(self) -> int:
-        epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
-        return epoch
+    def _take_epoch(self) -> tuple[int, int]:
+        """``(epoch, first planned batch)`` of this pass; the pass after it starts the next
+        epoch at its beginning."""
+        taken = self._next_epoch, self._start_batch
+        self._next_epoch, self._start_batch = self._next_epoch + 1, 0
+        return taken
 
     def _output(self, images: torch.Tensor, labels: torch.Tensor | None):
         device = self.cfg.device
@@ -278,16 +287,16 @@ class _PlanSampler:
     after the loader is dropped, into processes forked later."""
 
     def __init__(self, cfg: LoaderConfig, num_images: int):
-        self.cfg, self.num_images, self.epoch = cfg, num_images, 0
+        self.cfg, self.num_images, self.epoch, self.start = cfg, num_images, 0, 0
         self.bad: set[int] = set()  # left out for the rest of the run
 
     def __iter__(self):
-        for batch in self.cfg.plan(self.num_images, self.epoch):
+        for batch in self.cfg.plan(self.num_images, self.epoch)[self.start:]:
             if keys := [(self.epoch, int(i)) for i in batch if i not in self.bad]:
                 yield keys
 
     def __len__(self) -> int:
-        return len(self.cfg.plan(self.num_images, self.epoch))
+        return max(0, len(self.cfg.plan(self.num_images, self.epoch)) - self.start)
 
 
 class TorchImageLoader(EpochLoader):
@@ -306,9 +315,30 @@ class TorchImageLoader(EpochLoader):
             persistent_workers=cfg.workers > 0, pin_memory=cfg.device.type == "cuda")
 
     def __iter__(self):
-        self._sampler.epoch = self._take_epoch()
+        self._sampler.epoch, self._sampler.start = self._take_epoch()
         for images, labels, bad in self._loader:
             self._sampler.bad.update(i for i, _, _ in bad)
             warn_bad([(name, reason) for _, name, reason in bad])
             if images is not None:
                 yield self._output(images, labels)
+
+
+class FrameLoader(EpochLoader):
+    """Batches of a :class:`GrayFrameDataset` (frames held in memory, e.g. the demo's) along
+    the same sampling plan and sharding as :class:`TorchImageLoader`; no worker processes."""
+
+    backend = "frames"
+
+    def __init__(self, dataset: GrayFrameDataset, cfg: LoaderConfig):
+        super().__init__(dataset, cfg)
+        if cfg.channels != 1:
+            raise ValueError(f"GrayFrameDataset gives 1-channel images, not {cfg.channels}")
+        if dataset.train != cfg.train:
+            raise ValueError(f"a kind={cfg.kind!r} loader needs a dataset with train={cfg.train}")
+        self.dataset = dataset
+
+    def __iter__(self):
+        epoch, start = self._take_epoch()
+        self.dataset.set_epoch(epoch)
+        for batch in self.plan(epoch)[start:]:
+            yield self._output(torch.stack([self.dataset[int(i)] for i in batch]), None)

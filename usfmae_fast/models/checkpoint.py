@@ -68,9 +68,11 @@ def _unwrap(checkpoint, path: Path) -> StateDict:
 
 
 def read_checkpoint(path) -> tuple[StateDict, dict | None]:
-    """``(state_dict, config)`` from a ``.safetensors`` (ours), fb/mae ``.pth`` or raw ``.pt``.
+    """``(state_dict, config)`` from a ``.safetensors`` (ours), fb/mae ``.pth``, raw ``.pt`` or
+    one of our training checkpoints (``train/checkpointing.py``).
 
-    ``config`` is our saved ``model.config`` (safetensors metadata or a JSON file beside it),
+    ``config`` is our saved ``model.config`` (safetensors metadata or a JSON file beside it,
+    a training checkpoint's ``model_config``),
     ``{"norm_pix_loss": ...}`` from fb/mae's saved args, or None.
     """
     path = Path(path)
@@ -85,6 +87,8 @@ def read_checkpoint(path) -> tuple[StateDict, dict | None]:
             return state_dict, json.loads(metadata[CONFIG_KEY])
         return state_dict, json.loads(sidecar.read_text()) if sidecar.is_file() else None
     checkpoint = _torch_load(path)
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model_config"), Mapping):
+        return _unwrap(checkpoint, path), dict(checkpoint["model_config"])  # our training state
     args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
     config = ({"norm_pix_loss": bool(args.norm_pix_loss)}
               if hasattr(args, "norm_pix_loss") else None)
@@ -171,7 +175,7 @@ def load_model(path, *, encoder_only: bool = False, interpolate: bool = True,
 
 
 # ----------------------------------------------------------------------------- writing
-def _atomic_write(path, write: Callable[[str], None]) -> Path:
+def atomic_write(path, write: Callable[[str], None]) -> Path:
     """Write through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +198,7 @@ def save_safetensors(model: MaskedAutoencoderViT, path,
     """Save the weights atomically, with ``model.config`` as JSON in the metadata."""
     meta = {**(metadata or {}), "format": "pt", CONFIG_KEY: json.dumps(model.config)}
     tensors = _plain(model.state_dict())
-    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, meta))
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, meta))
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -271,6 +275,6 @@ def export_timm(model_or_state_dict, path) -> Path:
     ``path`` ends in ``.safetensors`` (how timm tells them apart), else a ``torch.save`` dict."""
     tensors = _plain(to_timm_state_dict(model_or_state_dict))
     if str(path).endswith(".safetensors"):
-        return _atomic_write(path, lambda tmp: safetensors.torch.save_file(
+        return atomic_write(path, lambda tmp: safetensors.torch.save_file(
             tensors, tmp, {"format": "pt"}))
-    return _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))

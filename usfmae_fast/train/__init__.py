@@ -1,4 +1,7 @@
-"""Training: the MAE pretraining loop and its figures."""
-from .pretrain import PretrainConfig, lr_at, param_groups, pretrain, save_checkpoint
+"""Training: the MAE pretraining engine (config, loop, checkpoints, logs) and its figures."""
+from .config import PRESETS, ConfigError, PretrainConfig, build_config
+from .engine import PretrainEngine, TrainingDiverged, pretrain
+from .optim import param_groups, warmup_cosine
 
-__all__ = ["PretrainConfig", "lr_at", "param_groups", "pretrain", "save_checkpoint"]
+__all__ = ["ConfigError", "PRESETS", "PretrainConfig", "PretrainEngine", "TrainingDiverged",
+           "build_config", "param_groups", "pretrain", "warmup_cosine"]
