@@ -84,12 +84,16 @@ def ceilings():
 def timed(benchmark, ceilings):
     """``timed(fn, device, bytes_moved=..., flops=..., **info)``: warm up, benchmark ``fn``
     device-synchronised, and record per-call time, TB/s or TFLOP/s and the share of the
-    ceiling measured in this run."""
+    ceiling measured in this run; returns ``fn``'s result. Workloads that take minutes fix
+    ``rounds`` (and ``calls``, default ``CALLS[device]``) and may skip the warm-up."""
     def run(fn, device: str, *, bytes_moved: float | None = None, flops: float | None = None,
-            **info):
-        fn()  # compile / autotune / allocate outside the timing
-        calls = CALLS[device]
-        benchmark(synchronised(fn, device, calls))
+            rounds: int | None = None, calls: int | None = None, warmup: bool = True, **info):
+        if warmup:
+            fn()  # compile / autotune / allocate outside the timing
+        calls = calls or CALLS[device]
+        timer = synchronised(fn, device, calls)
+        result = (benchmark(timer) if rounds is None
+                  else benchmark.pedantic(timer, rounds=rounds, iterations=1))
         per_call = benchmark.stats.stats.median / calls
         limits = ceilings(device)
         extra = dict(info, device=device, calls_per_round=calls, median_s_per_call=per_call,
@@ -103,6 +107,7 @@ def timed(benchmark, ceilings):
             extra.update(tflop_s=flops / per_call / 1e12,
                          frac_of_gemm=flops / per_call / limits["gemm_flops_per_s"])
         benchmark.extra_info.update(extra)
+        return result
     return run
 
 

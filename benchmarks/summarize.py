@@ -19,7 +19,7 @@ from pathlib import Path
 def _case_key(bench: dict) -> tuple:
     info = bench["extra_info"]
     return (bench["name"].split("[")[0].removeprefix("test_"), info["device"],
-            str(info.get("shape")), info.get("dtype"), info["passes"])
+            str(info.get("shape")), info.get("dtype"), info.get("passes", "-"))
 
 
 def _variant(bench: dict) -> str:

@@ -1,0 +1,210 @@
+"""What ``usfmae-fast scorecam`` does: load a timm classifier checkpoint and image files, write
+heatmaps, overlays, a grid figure and (with lesion masks) localisation scores.
+
+Accepted checkpoints (``ckpt``): a state dict of a timm classifier *with its head*, as
+``.safetensors`` or a ``torch.save`` file (``.pth`` / ``.pt``; read with ``weights_only=True``),
+bare or under "model" / "state_dict" (timm's ``train.py`` checkpoints, DDP / compile prefixes
+stripped). The architecture is the timm model name ``model_name`` (``--model``), or the
+checkpoint's "arch" entry (timm ``train.py`` writes one; in safetensors: metadata "arch"), with
+optional extra ``create_model`` kwargs in "model_kwargs" (a dict, or JSON in safetensors
+metadata). ``num_classes`` is read off the head, a ViT's ``img_size`` off its position embedding.
+USF-MAE encoders exported with ``export_timm`` and fine-tuned with a head load as
+``usfmae_vit_{size}_patch16_224``; DenseNet-169 baselines as timm's ``densenet169``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from PIL import Image
+from torch import nn
+
+from ..models.checkpoint import _torch_load, _unwrap, load_state_dict
+from .figures import save_grid, save_overlay
+from .localization import energy_in_mask, pointing_game
+from .scorecam import ScoreCAM
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+GROUP = 16        # images explained per ScoreCAM call
+GRID_IMAGES = 32  # images shown in grid.png
+
+
+def read_classifier(path) -> tuple[dict, dict]:
+    """``(state_dict, meta)``; meta holds "arch" and "model_kwargs" when the file names them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt: {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        meta = {k: metadata[k] for k in ("arch", "model_kwargs") if k in metadata}
+        if "model_kwargs" in meta:
+            meta["model_kwargs"] = json.loads(meta["model_kwargs"])
+        return _unwrap(safetensors.torch.load_file(str(path)), path), meta
+    checkpoint = _torch_load(path)
+    meta = ({k: checkpoint[k] for k in ("arch", "model_kwargs") if k in checkpoint}
+            if isinstance(checkpoint, dict) else {})
+    return _unwrap(checkpoint, path), meta
+
+
+def _vit_img_size(state_dict: dict) -> int | None:
+    if "pos_embed" not in state_dict or "patch_embed.proj.weight" not in state_dict:
+        return None
+    tokens = state_dict["pos_embed"].shape[1]
+    prefix = int("cls_token" in state_dict) + (state_dict["reg_token"].shape[1]
+                                                 if "reg_token" in state_dict else 0)
+    for patches in (tokens - prefix, tokens):  # timm's no_embed_class keeps only patches
+        side = math.isqrt(patches)
+        if side * side == patches:
+            return side * state_dict["patch_embed.proj.weight"].shape[-1]
+    return None
+
+
+def load_classifier(path, model_name: str | None = None, **model_kwargs) -> nn.Module:
+    """A timm classifier built from ``model_name`` (or the checkpoint's "arch") with the
+    checkpoint's weights, in eval mode (see the module docstring for the formats)."""
+    import timm
+
+    from .. import models  # noqa: F401 - registers the usfmae_vit_* names with timm
+    state_dict, meta = read_classifier(path)
+    name = model_name or meta.get("arch")
+    if not name:
+        raise ValueError(f"model: {str(path)!r} does not name its architecture (no 'arch' "
+                         "entry); pass a timm model name, e.g. usfmae_vit_base_patch16_224 "
+                         "or densenet169")
+    if not timm.is_model(name):
+        raise ValueError(f"model: {name!r} is not a timm model name")
+    cfg = timm.models.get_pretrained_cfg(name)
+    head = getattr(cfg, "classifier", None) or "head"
+    if f"{head}.weight" not in state_dict:
+        raise ValueError(f"ckpt: {str(path)!r} has no classification head ('{head}.weight'); "
+                         "Score-CAM explains a classifier's class scores")
+    kwargs = dict(num_classes=state_dict[f"{head}.weight"].shape[0])
+    img_size = _vit_img_size(state_dict)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = timm.create_model(name, pretrained=False,
+                              **{**kwargs, **meta.get("model_kwargs", {}), **model_kwargs})
+    return load_state_dict(model, state_dict).eval()
+
+
+def find_images(sources: Sequence) -> list[Path]:
+    """Image files given directly or found (recursively) in folders, in sorted order."""
+    found = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.is_file():
+            found.append(source)
+        else:
+            raise FileNotFoundError(f"images: {str(source)!r} does not exist")
+    if not found:
+        raise ValueError(f"images: no PNG / JPEG files in {[str(s) for s in sources]}")
+    return found
+
+
+def model_input(model: nn.Module) -> tuple[int, tuple[int, int], tuple, tuple]:
+    """``(channels, (height, width), mean, std)`` the model's images are prepared with."""
+    from .cam import expected_input
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels, size = expected_input(model)
+    default = tuple(cfg.get("input_size", (3, 224, 224)))
+    channels = channels or default[0]
+    mean = tuple(cfg.get("mean", (0.5,) * channels))
+    std = tuple(cfg.get("std", (0.5,) * channels))
+    if len(mean) != channels:  # a gray model with RGB statistics: their average
+        mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
+    return channels, size or default[1:], mean, std
+
+
+def load_image(path, channels: int, size) -> np.ndarray:
+    """``[H, W, channels]`` float in [0, 1], resized (bilinear) to ``size`` (height, width)."""
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(img, dtype=np.float32).reshape(size[0], size[1], channels) / 255.0
+
+
+def find_mask(image: Path, masks: Path | None, size) -> np.ndarray | None:
+    """The lesion mask of ``image`` in folder ``masks`` (same stem, or stem + "_mask"), nonzero =
+    lesion, resized (nearest) to ``size``; None when there is none."""
+    if masks is None:
+        return None
+    for stem in (image.stem, image.stem + "_mask"):
+        for suffix in IMAGE_SUFFIXES:
+            candidate = masks / (stem + suffix)
+            if candidate.is_file():
+                with Image.open(candidate) as m:
+                    m = m.convert("L").resize((size[1], size[0]), Image.NEAREST)
+                    return np.asarray(m) > 0
+    return None
+
+
+def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None,
+                   class_idx: int | None = None, target_layer: str | None = None,
+                   masks=None, device: str | None = None, dtype: str = "fp32",
+                   score: str = "logit", weights: str = "softmax", batch_size: int | None = None,
+                   tolerance: float = 0.0, colormap: str = "jet", alpha: float = 0.5) -> dict:
+    """Score-CAM of every image; writes ``heatmaps/<name>.npy`` (float32 [H, W] in [0, 1]),
+    ``overlays/<name>.png``, ``grid.png`` (the first 32) and ``summary.json``; returns the
+    summary (per image: class explained, its probability, localisation scores with a mask)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_classifier(ckpt, model_name).to(device)
+    channels, size, mean, std = model_input(model)
+    classes = model.num_classes
+    if class_idx is not None and not 0 <= class_idx < classes:
+        raise ValueError(f"class_idx (--class): {class_idx} is out of range for a model with "
+                         f"{classes} classes (0..{classes - 1})")
+    cam = ScoreCAM(model, target_layer, score=score, weights=weights, dtype=dtype,
+                   batch_size=batch_size)
+    paths = find_images(images)
+    masks = Path(masks) if masks is not None else None
+    if masks is not None and not masks.is_dir():
+        raise FileNotFoundError(f"masks: {str(masks)!r} is not a folder")
+    out = Path(out)
+    names, shown, shown_maps, shown_masks, records = [], [], [], [], []
+    norm = (torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
+    for start in range(0, len(paths), GROUP):
+        group = paths[start:start + GROUP]
+        pixels = np.stack([load_image(p, channels, size) for p in group])
+        batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - norm[0]) / norm[1]
+        result = cam(batch.to(device), class_idx)
+        maps = result.maps.cpu().numpy()
+        probs = result.logits.softmax(dim=1).gather(1, result.targets[:, None])[:, 0].tolist()
+        for path, image, heat, target, prob in zip(group, pixels, maps, result.targets.tolist(),
+                                                   probs):
+            name = path.stem if path.stem not in names else f"{path.stem}_{len(names)}"
+            names.append(name)
+            out.joinpath("heatmaps").mkdir(parents=True, exist_ok=True)
+            np.save(out / "heatmaps" / f"{name}.npy", heat.astype(np.float32))
+            save_overlay(out / "overlays" / f"{name}.png", image, heat, colormap, alpha)
+            record = dict(image=str(path), name=name, target=target, probability=prob)
+            mask = find_mask(path, masks, size)
+            if mask is not None and mask.any():
+                record.update(pointing_game=bool(pointing_game(heat, mask, tolerance)),
+                              energy_in_mask=float(energy_in_mask(heat, mask)))
+            records.append(record)
+            if len(shown) < GRID_IMAGES:
+                shown.append(image)
+                shown_maps.append(heat)
+                shown_masks.append(mask)
+    save_grid(shown, np.stack(shown_maps), out / "grid.png",
+              titles=[f"{r['name']}: class {r['target']}" for r in records[:GRID_IMAGES]],
+              masks=shown_masks, colormap=colormap, alpha=alpha)
+    scored = [r for r in records if "pointing_game" in r]
+    summary = dict(
+        ckpt=str(ckpt), model=model.pretrained_cfg.get("architecture", model_name),
+        target_layer=cam.layer_name, score=score, weights=weights, dtype=dtype,
+        device=str(device), chunk_size=cam.last_batch_size, images=records,
+        pointing_game=(float(np.mean([r["pointing_game"] for r in scored])) if scored else None),
+        energy_in_mask=(float(np.nanmean([r["energy_in_mask"] for r in scored]))
+                        if scored else None),
+        images_with_masks=len(scored), tolerance=tolerance)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
