@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..train.figures import _pyplot
+from ..train.figures import _pyplot, save_figure
 
 
 def _rgb(image) -> np.ndarray:
@@ -93,9 +93,4 @@ def save_grid(images: Sequence, maps, path, titles: Sequence[str] | None = None,
             ax.contour(np.asarray(masks[i]) != 0, levels=[0.5], colors="white", linewidths=1)
         # comparison rows: the image carries its title, a method's name heads its column
         ax.set_title(label if heat is None or not comparison or i == 0 else "", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -23,6 +23,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path) -> Path:
+    """Lays out ``fig``, writes it to ``path`` (creating its folder) and closes it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     window = max(1, min(window, len(values)))
@@ -55,11 +65,7 @@ def plot_loss_curve(history: Sequence[dict], path, window: int | None = None,
         ax_lr.tick_params(axis="y", colors="tab:orange")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    path = save_figure(fig, path)
     return path
 
 
@@ -135,9 +141,5 @@ def plot_reconstructions(model, imgs: torch.Tensor, path, mean: float, std: floa
     norm = " (norm_pix_loss: shown with the target patches' mean/std)" \
         if model.config.get("norm_pix_loss") else ""
     fig.suptitle(f"MAE reconstructions of held-out frames{norm}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    path = save_figure(fig, path)
     return {"path": str(path), "loss": out["loss"], "masked_mse": float(sq_err.mean())}
