@@ -59,6 +59,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from .._files import atomic_write
 from .dicom_frames import PathLike
 from .readers import open_source
 
@@ -235,12 +236,12 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
 
 
 def _resume(out: Path, options: IngestOptions) -> tuple[dict[str, dict], list[dict]]:

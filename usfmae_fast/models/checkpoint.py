@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pickle
-import uuid
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -21,6 +19,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from .._files import atomic_write
 from .mae import PRESETS, MaskedAutoencoderViT
 from .vit import pair
 
@@ -67,6 +66,20 @@ def _unwrap(checkpoint, path: Path) -> StateDict:
     return state_dict
 
 
+def read_file(path, name: str = "checkpoint") -> tuple[object, dict]:
+    """``(contents, metadata)`` of a checkpoint file: a ``.safetensors`` file's tensors and
+    metadata, or any other file's safely unpickled object and ``{}``. ``name`` heads the error
+    when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return safetensors.torch.load_file(str(path)), metadata
+    return _torch_load(path), {}
+
+
 def read_checkpoint(path) -> tuple[StateDict, dict | None]:
     """``(state_dict, config)`` from a ``.safetensors`` (ours), fb/mae ``.pth``, raw ``.pt`` or
     one of our training checkpoints (``train/checkpointing.py``).
@@ -76,17 +89,13 @@ def read_checkpoint(path) -> tuple[StateDict, dict | None]:
     ``{"norm_pix_loss": ...}`` from fb/mae's saved args, or None.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint, metadata = read_file(path)
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        state_dict = _unwrap(safetensors.torch.load_file(str(path)), path)
+        state_dict = _unwrap(checkpoint, path)
         sidecar = path.with_suffix(".json")
         if CONFIG_KEY in metadata:
             return state_dict, json.loads(metadata[CONFIG_KEY])
         return state_dict, json.loads(sidecar.read_text()) if sidecar.is_file() else None
-    checkpoint = _torch_load(path)
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model_config"), Mapping):
         return _unwrap(checkpoint, path), dict(checkpoint["model_config"])  # our training state
     args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
@@ -175,20 +184,6 @@ def load_model(path, *, encoder_only: bool = False, interpolate: bool = True,
 
 
 # ----------------------------------------------------------------------------- writing
-def atomic_write(path, write: Callable[[str], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))  # permissions per umask
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _plain(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
 

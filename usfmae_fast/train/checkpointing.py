@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.checkpoint import atomic_write
+from .._files import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
