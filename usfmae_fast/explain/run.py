@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 from PIL import Image
 from torch import nn
 
-from ..models.checkpoint import _torch_load, _unwrap, load_state_dict
+from ..models.checkpoint import _unwrap, load_state_dict, read_file
 from .figures import save_grid, save_overlay
 from .localization import energy_in_mask, pointing_game
 from .scorecam import ScoreCAM
@@ -38,18 +36,14 @@ GRID_IMAGES = 32  # images shown in grid.png
 def read_classifier(path) -> tuple[dict, dict]:
     """``(state_dict, meta)``; meta holds "arch" and "model_kwargs" when the file names them."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt: {str(path)!r} does not exist")
+    checkpoint, metadata = read_file(path, "ckpt:")
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
         meta = {k: metadata[k] for k in ("arch", "model_kwargs") if k in metadata}
         if "model_kwargs" in meta:
             meta["model_kwargs"] = json.loads(meta["model_kwargs"])
-        return _unwrap(safetensors.torch.load_file(str(path)), path), meta
-    checkpoint = _torch_load(path)
-    meta = ({k: checkpoint[k] for k in ("arch", "model_kwargs") if k in checkpoint}
-            if isinstance(checkpoint, dict) else {})
+    else:
+        meta = ({k: checkpoint[k] for k in ("arch", "model_kwargs") if k in checkpoint}
+                if isinstance(checkpoint, dict) else {})
     return _unwrap(checkpoint, path), meta
 
 
