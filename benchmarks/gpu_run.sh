@@ -43,11 +43,7 @@ if [ -n "$SAN" ] && [ -f tests/test_cuda_kernels.py ]; then
 fi
 
 step benchmarks
-for suite in benchmarks/bench_*.py; do
-  name=$(basename "$suite" .py)
-  $PY -m pytest "$suite" -q --benchmark-json="$OUT/gpu_${name#bench_}.json" > "$OUT/${name}.log" 2>&1 || status=1
-  tail -3 "$OUT/${name}.log"
-done
-$PY benchmarks/summarize.py "$OUT"/gpu_*.json --plot "$OUT/gpu_summary.png" > "$OUT/gpu_summary.md" 2>&1
-cat "$OUT/gpu_summary.md"
+# usfmae-fast bench: every suite, JSON + summary.md + speedups.png + provenance.json under $OUT/bench
+$PY -m usfmae_fast.cli bench --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=1
+cat "$OUT/bench.log" "$OUT/bench/summary.md"
 exit "$status"

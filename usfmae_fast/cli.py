@@ -1,7 +1,7 @@
 """``usfmae-fast`` command line: ``info`` (what is available here and why not), ``demo``,
 ``ingest`` (raw ultrasound files -> clean images + manifest.csv), ``pretrain`` (the MAE
 pretraining engine; several processes through ``torchrun ... -m usfmae_fast.cli pretrain``),
-``scorecam`` (heatmaps of a classifier's decisions)."""
+``scorecam`` (heatmaps of a classifier's decisions), ``bench`` (the benchmark suites)."""
 from __future__ import annotations
 
 import argparse
@@ -214,6 +214,35 @@ def _add_scorecam(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_bench(sub) -> None:
+    from .bench import SUITES
+
+    def run(args: argparse.Namespace) -> int:
+        from .bench import run_bench
+        try:
+            provenance = run_bench(args.suites, args.out, suites_dir=args.suites_dir,
+                                   select=args.select)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"usfmae-fast bench: {exc}", file=sys.stderr)
+            return 2
+        failed = [r["file"] for r in provenance["suites"] if r["status"].startswith("failed")]
+        return 1 if failed else 0
+
+    p = sub.add_parser("bench", help="run the benchmark suites that fit this device; JSON, "
+                       "summary table, plot and provenance", description="Runs benchmarks/"
+                       "bench_*.py with pytest-benchmark (see benchmarks/README.md); exit 1 "
+                       "when a suite fails.")
+    p.add_argument("--suites", nargs="+", choices=sorted(SUITES), default=None,
+                   help="suites to run (default: all)")
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/"
+                   "run-<device>-<date>)")
+    p.add_argument("-k", dest="select", default=None,
+                   help="pytest -k expression selecting cases, e.g. 'cpu and not compile'")
+    p.add_argument("--suites-dir", default=None,
+                   help="the benchmarks/ folder (default: the checkout's)")
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usfmae-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_pretrain(sub)
     _add_scorecam(sub)
+    _add_bench(sub)
     return parser
 
 
