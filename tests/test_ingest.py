@@ -492,3 +492,16 @@ def test_webdataset_shards_hold_every_image_and_its_row(corpus, tmp_path):
     for i in range(len(rows)):
         meta = json.loads(bytes(np.array(metas.at(i))).decode())
         assert np.array(images.at(i)).shape[:2] == (meta["height"], meta["width"])
+
+
+def test_gray_png_is_ingested(tmp_path):
+    """8-bit gray PNGs decode to arrays PIL owns (read-only): cleaning must get its own copy."""
+    rng = np.random.default_rng()
+    img = rng.integers(0, 200, size=(96, 120), dtype=np.uint8)
+    Image.fromarray(img, mode="L").save(tmp_path / "gray.png")
+    summary = ingest([tmp_path / "gray.png"], tmp_path / "out", workers=1, progress=False,
+                     crop=False, remove_text=False)
+    assert summary["files_ok"] == 1 and summary["frames_written"] == 1
+    row = _csv(tmp_path / "out" / "manifest.csv")[0]
+    written = np.asarray(Image.open(tmp_path / "out" / row["path"]))
+    assert written.shape == img.shape and np.array_equal(written, img)

@@ -216,7 +216,7 @@ def _pil_to_uint8(im) -> np.ndarray:
     from PIL import Image
 
     if im.mode in ("1", "L"):
-        return np.asarray(im.convert("L"))
+        return np.array(im.convert("L"))  # writable: cleaning edits frames in place
     if im.mode in ("I", "F") or im.mode.startswith("I;"):
         arr = np.asarray(im)
         return to_uint8(arr, 8 * arr.dtype.itemsize)
