@@ -341,13 +341,13 @@ def test_cli_scorecam_writes_maps_overlays_grid_and_scores(tmp_path):
                                  "model_kwargs": json.dumps(kwargs)})
     folder, masks = tmp_path / "images", tmp_path / "masks"
     folder.mkdir()
-    masks.mkdir()
+    (masks / "cyst").mkdir(parents=True)  # masks may mirror the images' class folders
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(folder / f"{name}.png")
     lesion = np.zeros((40, 48), dtype=np.uint8)
     lesion[10:30, 12:36] = 255
-    Image.fromarray(lesion).save(masks / "a_mask.png")
+    Image.fromarray(lesion).save(masks / "cyst" / "a_mask.png")
     out = tmp_path / "out"
     assert main(["scorecam", "--ckpt", str(ckpt), "--images", str(folder), "--class", "1",
                  "--masks", str(masks), "--out", str(out)]) == 0
@@ -399,3 +399,15 @@ def test_load_classifier_formats_and_errors(tmp_path):
         load_classifier(headless, "vit_base_patch16_224", **kwargs)
     with pytest.raises(FileNotFoundError, match="ckpt"):
         load_classifier(tmp_path / "missing.pt", "vit_base_patch16_224")
+
+
+def test_mask_index_finds_masks_below_the_folder_plain_stem_first(tmp_path):
+    from usfmae_fast.explain.run import mask_index
+    for rel in ("x/a_mask.png", "y/a.png", "b_mask.jpg", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    index = mask_index(tmp_path)
+    assert index == {"a": tmp_path / "y" / "a.png", "b": tmp_path / "b_mask.jpg"}
+    assert mask_index(None) == {}
+    with pytest.raises(FileNotFoundError, match="masks"):
+        mask_index(tmp_path / "missing")

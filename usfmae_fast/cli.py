@@ -193,7 +193,8 @@ def _add_scorecam(sub) -> None:
                    help="class to explain (default: each image's predicted class)")
     p.add_argument("--out", default="outputs/scorecam", help="output folder (default: %(default)s)")
     p.add_argument("--masks", default=None, help="folder of lesion masks named like the images "
-                   "(stem or stem_mask, nonzero = lesion): adds pointing game and energy in mask")
+                   "(stem or stem_mask, nonzero = lesion; searched recursively): adds pointing "
+                   "game and energy in mask")
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="pointing-game tolerance in pixels (default: %(default)s)")
     p.add_argument("--layer", default=None, help="target layer name (default: the last block's "

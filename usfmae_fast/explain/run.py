@@ -125,19 +125,28 @@ def load_image(path, channels: int, size) -> np.ndarray:
         return np.asarray(img, dtype=np.float32).reshape(size[0], size[1], channels) / 255.0
 
 
-def find_mask(image: Path, masks: Path | None, size) -> np.ndarray | None:
-    """The lesion mask of ``image`` in folder ``masks`` (same stem, or stem + "_mask"), nonzero =
-    lesion, resized (nearest) to ``size``; None when there is none."""
+def mask_index(masks: Path | None) -> dict[str, Path]:
+    """Mask files below folder ``masks`` (recursively, so it may mirror the images' class
+    folders) by stem; "<stem>_mask" files also under "<stem>"."""
     if masks is None:
+        return {}
+    if not masks.is_dir():
+        raise FileNotFoundError(f"masks: {str(masks)!r} is not a folder")
+    files = sorted(p for p in masks.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    index = {p.stem.removesuffix("_mask"): p for p in files if p.stem.endswith("_mask")}
+    index.update({p.stem: p for p in files if not p.stem.endswith("_mask")})
+    return index
+
+
+def find_mask(image: Path, masks: dict[str, Path], size) -> np.ndarray | None:
+    """The lesion mask of ``image`` (same stem, or stem + "_mask", in :func:`mask_index`),
+    nonzero = lesion, resized (nearest) to ``size``; None when there is none."""
+    candidate = masks.get(image.stem)
+    if candidate is None:
         return None
-    for stem in (image.stem, image.stem + "_mask"):
-        for suffix in IMAGE_SUFFIXES:
-            candidate = masks / (stem + suffix)
-            if candidate.is_file():
-                with Image.open(candidate) as m:
-                    m = m.convert("L").resize((size[1], size[0]), Image.NEAREST)
-                    return np.asarray(m) > 0
-    return None
+    with Image.open(candidate) as m:
+        m = m.convert("L").resize((size[1], size[0]), Image.NEAREST)
+        return np.asarray(m) > 0
 
 
 def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None,
@@ -158,9 +167,7 @@ def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None
     cam = ScoreCAM(model, target_layer, score=score, weights=weights, dtype=dtype,
                    batch_size=batch_size)
     paths = find_images(images)
-    masks = Path(masks) if masks is not None else None
-    if masks is not None and not masks.is_dir():
-        raise FileNotFoundError(f"masks: {str(masks)!r} is not a folder")
+    masks = mask_index(Path(masks) if masks is not None else None)
     out = Path(out)
     names, shown, shown_maps, shown_masks, records = [], [], [], [], []
     norm = (torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
