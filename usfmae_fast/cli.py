@@ -1,7 +1,8 @@
 """``usfmae-fast`` command line: ``info`` (what is available here and why not), ``demo``,
 ``ingest`` (raw ultrasound files -> clean images + manifest.csv), ``pretrain`` (the MAE
 pretraining engine; several processes through ``torchrun ... -m usfmae_fast.cli pretrain``),
-``scorecam`` (heatmaps of a classifier's decisions), ``bench`` (the benchmark suites)."""
+``scorecam`` (heatmaps of a classifier's decisions), ``finetune`` / ``evaluate`` / ``predict`` /
+``embed`` (the clinical protocol, in ``finetune/cli.py``), ``bench`` (the benchmark suites)."""
 from __future__ import annotations
 
 import argparse
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_pretrain(sub)
     _add_scorecam(sub)
+    from .finetune.cli import add_commands  # finetune, evaluate, predict, embed
+    add_commands(sub)
     _add_bench(sub)
     return parser
 

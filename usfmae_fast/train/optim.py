@@ -44,8 +44,9 @@ def warmup_cosine(step: int, peak_lr: float, min_lr: float, warmup_steps: int,
 
 
 class WarmupCosineLR:
-    """Sets the optimizer's lr before every step (``step()`` after each optimizer step); its
-    state is the number of steps taken, saved in training checkpoints."""
+    """Sets the optimizer's lr before every step (``step()`` after each optimizer step), times
+    a group's ``lr_scale`` where it has one (timm's ``param_groups_layer_decay``); its state is
+    the number of steps taken, saved in training checkpoints."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, min_lr: float,
                  warmup_steps: int, total_steps: int):
@@ -63,8 +64,8 @@ class WarmupCosineLR:
         return self.lr_at(self.last_step)
 
     def _apply(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        for group in self.optimizer.param_groups:  # "lr_scale": layer-wise lr decay (fb/mae)
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
     def step(self) -> None:
         self.last_step += 1

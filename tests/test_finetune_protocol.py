@@ -1,0 +1,229 @@
+"""The protocol end to end on a small synthetic labelled set: every artefact, splits without
+patient leakage, seeds, the test-set ensemble; evaluation of saved fold models; bad input
+stopped before training; and, on a labelled simulated set, an MAE-pretrained encoder beating
+random initialisation in the same harness, splits and seeds."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _finetune_data import make_labelled_set, make_unlabelled_set
+from usfmae_fast.finetune import protocol
+from usfmae_fast.finetune.labels import LabelError
+from usfmae_fast.finetune.protocol import evaluate_checkpoints, quick_config, run_protocol
+from usfmae_fast.finetune.splits import SplitError
+from usfmae_fast.models import MaskedAutoencoderViT, save_safetensors
+
+TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+MODELS = ["usfmae", "vit_scratch_linprobe", "test_resnet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory):
+    return make_labelled_set(tmp_path_factory.mktemp("data"), per_class=8)  # 4 patients each
+
+
+@pytest.fixture(scope="module")
+def mae_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mae") / "checkpoint.safetensors"
+    save_safetensors(MaskedAutoencoderViT(in_chans=1, **TINY_MAE), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, labels, mae_ckpt):
+    out = tmp_path_factory.mktemp("run")
+    cfg = quick_config(labels, out, models=MODELS, init=str(mae_ckpt), seed=3,
+                       train=dict(epochs=2))
+    return out, cfg, run_protocol(cfg)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_writes_every_artefact(run):
+    out, cfg, report = run
+    assert json.loads((out / "report.json").read_text())["models"].keys() == set(MODELS)
+    markdown = (out / "report.md").read_text()
+    for name in MODELS:
+        assert f"## Model `{name}`" in markdown
+        for k in range(2):
+            fold = out / name / f"fold{k}"
+            assert {p.name for p in fold.iterdir()} >= {"best.safetensors", "history.csv",
+                                                        "val_predictions.csv"}
+        for figure in report["models"][name]["figures"].values():
+            assert (out / figure).is_file() and figure.endswith(".png")
+        assert (out / name / "test_predictions.csv").is_file()
+    task = report["task"]
+    assert task["classes"] == ["cyst", "normal", "solid"] and task["n_images"] == 24
+    assert task["n_patients"] == 12 and task["class_counts"] == {"cyst": 8, "normal": 8,
+                                                                 "solid": 8}
+
+
+def test_splits_hold_patients_together_and_test_apart(run):
+    out, _, _ = run
+    rows = read_csv(out / "splits.csv")
+    assert len(rows) == 24
+    where = {}
+    for row in rows:  # a patient is in one place only: the test set or one validation fold
+        where.setdefault(row["patient_id"], set()).add((row["set"], row["fold"]))
+    assert all(len(places) == 1 for places in where.values())
+    test = [r for r in rows if r["set"] == "test"]
+    assert {r["label"] for r in test} == {"cyst", "normal", "solid"} and len(test) == 6
+    for k in ("0", "1"):
+        assert {r["label"] for r in rows if r["fold"] == k} == {"cyst", "normal", "solid"}
+
+
+def test_seeds_cv_and_ensemble_recorded(run):
+    out, cfg, report = run
+    model = report["models"]["usfmae"]
+    assert [f["seed"] for f in model["config"]["folds"]] == [3, 4]
+    assert len(model["cv"]["folds"]) == 2 and model["cv"]["summary"]["auc"]["n"] == 2
+    test = model["test"]
+    assert len(test["folds"]) == 2 and test["ensemble"]["n"] == 6
+    low, high = test["ensemble_ci"]["accuracy"]
+    assert low <= test["ensemble"]["accuracy"] <= high
+    rows = read_csv(out / "usfmae" / "test_predictions.csv")
+    classes = report["task"]["classes"]
+    for row in rows:  # the ensemble is the mean of the fold models' probabilities
+        for c in classes:
+            folds = [float(row[f"fold{k}_prob_{c}"]) for k in range(2)]
+            assert float(row[f"prob_{c}"]) == pytest.approx(np.mean(folds), abs=2e-6)
+    assert "Splits and seeds" in (out / "report.md").read_text()
+
+
+def test_evaluate_fold_checkpoints_reproduces_the_test_ensemble(run, tmp_path):
+    out, cfg, report = run
+    test = [r for r in read_csv(out / "splits.csv") if r["set"] == "test"]
+    labels = tmp_path / "test.csv"
+    with labels.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "patient_id"])
+        writer.writerows([(r["path"], r["label"], r["patient_id"]) for r in test])
+    ckpts = [out / "usfmae" / f"fold{k}" / "best.safetensors" for k in range(2)]
+    evaluated = evaluate_checkpoints(ckpts, labels, tmp_path / "eval", n_boot=50)
+    ensemble = evaluated["models"]["model"]["test"]["ensemble"]
+    expected = report["models"]["usfmae"]["test"]["ensemble"]
+    assert ensemble["confusion_matrix"] == expected["confusion_matrix"]
+    assert ensemble["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+    assert (tmp_path / "eval" / "report.md").is_file()
+    with pytest.raises(LabelError, match="unknown class 'normal'"):
+        two_class_evaluation(tmp_path)
+
+
+def two_class_evaluation(tmp_path):
+    """A cyst / solid checkpoint scored on a set that also holds 'normal' images."""
+    from usfmae_fast.finetune.models import build_classifier, model_spec, save_classifier
+    built = build_classifier(model_spec("test_resnet"), 2, img_size=32)
+    two = save_classifier(built, tmp_path / "two.safetensors", ["cyst", "solid"])
+    labels = make_labelled_set(tmp_path / "three", per_class=2, patients="x")
+    evaluate_checkpoints([two], labels, tmp_path / "e2", n_boot=10)
+
+
+def test_cross_validation_only(tmp_path, labels):
+    report = run_protocol(quick_config(labels, tmp_path, models=["test_resnet"], test_size=0,
+                                       train=dict(epochs=1)))
+    model = report["models"]["test_resnet"]
+    assert "test" not in model and len(model["cv"]["folds"]) == 2
+    assert (tmp_path / model["figures"]["roc"]).is_file()  # from out-of-fold predictions
+    assert report["task"]["test_size"] == 0.0
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started despite bad input")
+    monkeypatch.setattr(protocol, "train_fold", fail)
+
+
+def test_bad_input_stops_before_training(tmp_path, labels, no_training):
+    out = tmp_path / "out"
+
+    def attempt(labels_path, **overrides):
+        run_protocol(quick_config(labels_path, out, **{"models": ["test_resnet"], **overrides}))
+
+    with pytest.raises(LabelError, match=r"labels: unknown class 'solid' in labels.csv lines"):
+        attempt(labels, classes=["normal", "cyst"])
+    missing = tmp_path / "missing.csv"
+    missing.write_text(labels.read_text() + "images/cyst/gone.png,cyst,cyst-p9\n")
+    missing.with_name("images").symlink_to(labels.parent / "images")
+    with pytest.raises(LabelError, match="do not exist: .*gone.png"):
+        attempt(missing)
+    with pytest.raises(SplitError, match="class 'cyst' has 4 patients, fewer than the 5 folds"):
+        attempt(labels, folds=5, test_size=0)
+    with pytest.raises(SplitError, match="test_labels: 24 image"):
+        attempt(labels, test_labels=str(labels))
+    same_patients = make_labelled_set(tmp_path / "other", per_class=2, seed=9)
+    with pytest.raises(SplitError, match=r"test_labels: 3 patient\(s\) are also in labels"):
+        attempt(labels, test_labels=str(same_patients))
+    with pytest.raises(ValueError, match="models: 'resnet_fifty' is neither"):
+        attempt(labels, models=["resnet_fifty"])
+    with pytest.raises(ValueError, match="init: model 'usfmae' starts from a pretrained"):
+        attempt(labels, models=["usfmae"])
+    with pytest.raises(ValueError, match="epochs: 0 is out of range"):
+        attempt(labels, train=dict(epochs=0))
+    assert not out.exists()  # nothing written either
+
+
+@pytest.mark.slow
+def test_mae_pretraining_beats_random_init(tmp_path):
+    """A tiny MAE pretrained for 600 steps on 240 unlabelled synthetic scans, then linear
+    probes through identical splits and seeds of (a) it, (b) the same MAE untrained (same
+    architecture, init scheme and seed: only pretraining differs) and (c) vit_scratch (timm's
+    random init), scored on an independent test set of 90 images.
+
+    Seeds 0-2 of this recipe give the pretrained encoder +0.006 to +0.05 test AUC per fold
+    over (b) (mean +0.02 to +0.04) and more over (c); probes of random features reach
+    0.93-0.97, so the test fails when pretraining or its loading does not carry features
+    (an untrained or unloaded "pretrained" encoder ties with (b))."""
+    from usfmae_fast.train.config import build_config
+    from usfmae_fast.train.engine import build_model, pretrain, seed_everything
+
+    pool = make_unlabelled_set(tmp_path / "pool", 240, seed=100)
+    mae = build_config(None, overrides={
+        "model.size": "tiny", "model.img_size": 32, "model.patch_size": 8,
+        "model.embed_dim": 64, "model.depth": 2, "model.num_heads": 4,
+        "model.decoder_embed_dim": 32, "model.decoder_depth": 1, "model.decoder_num_heads": 4,
+        "model.norm_pix_loss": False, "data.source": str(pool), "data.heldout": 0,
+        "data.workers": 1, "optim.steps": 600, "optim.epochs": None, "optim.batch_size": 32,
+        "optim.blr": 1.5e-3, "optim.warmup_steps": 20, "system.precision": "fp32",
+        "system.device": "cpu", "system.num_threads": 1, "output.out_dir": str(tmp_path / "mae"),
+        "output.progress": False, "output.figures": False, "output.tensorboard": False,
+        "output.save_every": 1000})
+    seed_everything(mae.system.seed)
+    untrained = save_safetensors(build_model(mae), tmp_path / "untrained" / "mae.safetensors")
+    summary = pretrain(mae)
+    assert summary["last_loss_mean"] < 0.5 * summary["first_loss_mean"]
+
+    labels = make_labelled_set(tmp_path / "labelled", per_class=12, seed=0)
+    test = make_labelled_set(tmp_path / "test", per_class=30, seed=50, patients="t")
+
+    def probes(init, models, out):
+        cfg = quick_config(labels, tmp_path / out, models=models, init=str(init),
+                           test_labels=str(test), folds=3, train=dict(epochs=20))
+        return {name: [f["auc"] for f in m["test"]["folds"]] + [m["test"]["ensemble"]["auc"]]
+                for name, m in run_protocol(cfg)["models"].items()}
+
+    pretrained = probes(summary["artefacts"]["weights"],
+                        ["usfmae_linprobe", "vit_scratch_linprobe"], "pretrained")
+    auc = {"pretrained": pretrained["usfmae_linprobe"],
+           "untrained": probes(untrained, ["usfmae_linprobe"], "untrained")["usfmae_linprobe"],
+           "timm init": pretrained["vit_scratch_linprobe"]}
+    for other in ("untrained", "timm init"):  # [fold 0, fold 1, fold 2, ensemble]
+        gains = np.subtract(auc["pretrained"], auc[other])
+        assert np.mean(gains[:3]) > 0.01 and (gains[:3] > 0).sum() >= 2, (other, auc)
+        assert gains[3] > 0, (other, auc)

@@ -1,0 +1,243 @@
+"""``usfmae-fast finetune | evaluate | predict | embed`` (registered by ``usfmae_fast.cli``).
+
+Bad input (labels, classes, splits, checkpoints, model names, hyper-parameters) is reported
+before any training, on stderr, with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+INPUT_ERRORS = (ValueError, FileNotFoundError)  # LabelError and SplitError are ValueErrors
+
+# TrainConfig fields settable by a flag of the same name (dashes for underscores)
+TRAIN_FLAGS = {
+    "epochs": (int, "training epochs per fold (default: 50)"),
+    "batch_size": (int, "images per step (default: 32)"),
+    "blr": (float, "fine-tuning base lr; lr = blr x batch / 256 (default: 5e-4)"),
+    "probe_blr": (float, "linear-probe base lr (default: 0.1)"),
+    "lr": (float, "absolute peak lr (instead of blr / probe-blr)"),
+    "min_lr": (float, "final lr of the cosine (default: 1e-6)"),
+    "warmup_epochs": (float, "linear warmup (default: 5)"),
+    "weight_decay": (float, "AdamW weight decay (default: 0.05)"),
+    "layer_decay": (float, "layer-wise lr decay of pretrained ViTs, 1 = off (default: 0.65)"),
+    "drop_path": (float, "stochastic depth rate (default: 0.1)"),
+    "smoothing": (float, "label smoothing (default: 0.1)"),
+    "mixup": (float, "timm Mixup alpha, 0 = off (default: 0)"),
+    "cutmix": (float, "timm CutMix alpha, 0 = off (default: 0)"),
+    "patience": (int, "early stopping: epochs without a better validation AUC, 0 = never "
+                      "(default: 10)"),
+    "clip_grad": (float, "gradient norm clipping (default: none)"),
+    "img_size": (int, "input size in pixels (default: 224)"),
+    "in_chans": (int, "1 (gray, default) or 3 (RGB)"),
+    "vit_size": (str, "vit_scratch's size without --init: tiny/small/base/large/huge"),
+    "mean": (float, "normalisation mean (default: the pretraining run's, else 0.15)"),
+    "std": (float, "normalisation std (default: the pretraining run's, else 0.20)"),
+    "rotate": (float, "max random rotation in degrees while training (default: 0)"),
+    "device": (str, "auto, cpu, cuda, cuda:N (default: auto)"),
+    "workers": (int, "loader threads / processes"),
+    "threads": (int, "torch CPU threads"),
+}
+TRAIN_CHOICES = {"imbalance": ("none", "weights", "sampler"), "global_pool": ("avg", "token"),
+                 "precision": ("auto", "bf16", "fp32"), "backend": ("auto", "dali", "torch")}
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"usfmae-fast {command}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _weights(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"weights: {item!r} is not NAME=PATH (e.g. densenet169=d.pth)")
+        pairs[name.strip()] = path.strip()
+    return pairs
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .engine import TrainConfig
+    from .protocol import ProtocolConfig, prepare, quick_config, run_protocol
+
+    train = {f: getattr(args, f) for f in [*TRAIN_FLAGS, *TRAIN_CHOICES]
+             if getattr(args, f) is not None}
+    if train.get("patience") == 0:
+        train["patience"] = None
+    if args.quiet:
+        train["progress"] = False
+    try:
+        protocol = {k: v for k, v in dict(
+            models=_names(args.models), init=args.init, weights=_weights(args.weights or []),
+            classes=_names(args.classes), test_labels=args.test_labels, folds=args.folds,
+            test_size=args.test_size, seed=args.seed, n_boot=args.n_boot, check=args.check,
+            title=args.title).items() if v is not None}
+        cfg = (quick_config(args.labels, args.out, train=train, **protocol) if args.quick else
+               ProtocolConfig(args.labels, args.out, train=TrainConfig(**train), **protocol))
+        plan = prepare(cfg)
+    except INPUT_ERRORS as exc:
+        return _fail("finetune", exc)
+    report = run_protocol(cfg, plan)
+    for name, model in report["models"].items():
+        cv = model["cv"]["summary"]["auc"]
+        line = f"{name:24s} CV AUC {_num(cv['mean'])} ± {_num(cv['sd'])}"
+        if "test" in model:
+            ci = model["test"]["ensemble_ci"]["auc"]
+            line += (f"   test AUC (ensemble) {_num(model['test']['ensemble']['auc'])} "
+                     f"[{_num(ci[0])}, {_num(ci[1])}]")
+        print(line)
+    print(f"report: {args.out}/report.md, {args.out}/report.json")
+    return 0
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="k-fold cross-validation + held-out test set of "
+                       "USF-MAE and baselines: metrics with CIs, figures, report",
+                       description="Fine-tune (or linear-probe) every model of --models "
+                       "through the same stratified, patient-grouped splits and seeds; see "
+                       "usfmae_fast/finetune/protocol.py. Models: usfmae (from --init), "
+                       "vit_scratch (same ViT, random init), any timm name (densenet169, "
+                       "resnet50, vit_base_patch16_224; --weights for local pretrained "
+                       "weights), each optionally with the suffix _linprobe.")
+    p.add_argument("--labels", required=True, help="labels CSV (path,label[,patient_id]) or a "
+                   "folder per class")
+    p.add_argument("--out", default="outputs/finetune", help="output folder (default: "
+                   "%(default)s)")
+    p.add_argument("--models", help="comma-separated model names (default: usfmae)")
+    p.add_argument("--init", help="pretrained MAE checkpoint: ours (.safetensors / training "
+                   "checkpoint), fb/mae .pth, USF-MAE .pt, timm ViT export")
+    p.add_argument("--weights", action="append", metavar="NAME=PATH",
+                   help="local weights file of a timm baseline (repeatable); nothing downloads")
+    p.add_argument("--classes", help="comma-separated class order (default: sorted labels)")
+    p.add_argument("--test-labels", help="an independent labelled test set instead of "
+                   "holding out --test-size of --labels")
+    p.add_argument("--folds", type=int, help="cross-validation folds (default: 5)")
+    p.add_argument("--test-size", type=float, help="held-out test fraction, 0 = none "
+                   "(default: 0.2)")
+    p.add_argument("--seed", type=int, help="splits and fold k's training use seed + k "
+                   "(default: 0)")
+    p.add_argument("--n-boot", type=int, help="bootstrap resamples (default: 1000)")
+    p.add_argument("--check", choices=["header", "full", "none"],
+                   help="image check before training (default: header)")
+    p.add_argument("--title", help="report title")
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    for name, choices in TRAIN_CHOICES.items():
+        p.add_argument("--" + name.replace("_", "-"), choices=choices,
+                       help=f"default: {choices[0]}")
+    p.add_argument("--quick", action="store_true", help="a small smoke-test run: 32 px, 2 "
+                   "folds, 3 epochs (flags still override)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_finetune)
+
+
+def _add_evaluate(sub) -> None:
+    def run(args: argparse.Namespace) -> int:
+        from .engine import TrainConfig
+        from .protocol import evaluate_checkpoints
+        try:
+            train = TrainConfig(batch_size=args.batch_size, device=args.device,
+                                backend=args.backend, workers=args.workers, progress=False)
+            report = evaluate_checkpoints(args.ckpt, args.labels, args.out, name=args.name,
+                                          n_boot=args.n_boot, seed=args.seed, check=args.check,
+                                          title=args.title, train=train)
+        except INPUT_ERRORS as exc:
+            return _fail("evaluate", exc)
+        ensemble = report["models"][args.name]["test"]["ensemble"]
+        print(json.dumps({k: ensemble[k] for k in ("auc", "f1", "accuracy", "precision",
+                                                    "recall", "specificity", "n")}, indent=2))
+        print(f"report: {args.out}/report.md, {args.out}/report.json")
+        return 0
+
+    p = sub.add_parser("evaluate", help="classifier checkpoint(s) + a labelled set -> metrics "
+                       "with CIs, ROC / confusion figures, report",
+                       description="Several checkpoints (e.g. the fold models) are scored one "
+                       "by one and as an ensemble (mean probability).")
+    p.add_argument("--ckpt", required=True, nargs="+", help="classifier checkpoint(s)")
+    p.add_argument("--labels", required=True, help="labels CSV or a folder per class")
+    p.add_argument("--out", default="outputs/evaluate", help="output folder (default: "
+                   "%(default)s)")
+    p.add_argument("--name", default="model", help="model name in the report")
+    p.add_argument("--title", default="Evaluation report")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--check", choices=["header", "full", "none"], default="header")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["auto", "dali", "torch"], default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def _add_predict(sub) -> None:
+    def run(args: argparse.Namespace) -> int:
+        from .inference import predict_images
+        try:
+            summary = predict_images(args.ckpt, args.images, args.out,
+                                     batch_size=args.batch_size, device=args.device,
+                                     precision=args.precision)
+        except INPUT_ERRORS as exc:
+            return _fail("predict", exc)
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    p = sub.add_parser("predict", help="images / DICOMs -> CSV of class probabilities")
+    p.add_argument("--ckpt", required=True, nargs="+", help="classifier checkpoint(s); "
+                   "several: mean probability")
+    p.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                   help="image or DICOM files, folders, or a CSV with a path column")
+    p.add_argument("--out", default="predictions.csv", help="CSV written (default: "
+                   "%(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.set_defaults(func=run)
+
+
+def _add_embed(sub) -> None:
+    def run(args: argparse.Namespace) -> int:
+        from .inference import embed_images
+        try:
+            summary = embed_images(args.ckpt, args.images, args.out, img_size=args.img_size,
+                                   in_chans=args.in_chans, global_pool=args.global_pool,
+                                   batch_size=args.batch_size, device=args.device,
+                                   precision=args.precision)
+        except INPUT_ERRORS as exc:
+            return _fail("embed", exc)
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    p = sub.add_parser("embed", help="pooled encoder features of images / DICOMs -> "
+                       "features.npy + index.csv")
+    p.add_argument("--ckpt", required=True, help="a pretraining (MAE) checkpoint or a "
+                   "fine-tuned classifier")
+    p.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                   help="image or DICOM files, folders, or a CSV with a path column")
+    p.add_argument("--out", default="outputs/embed", help="output folder (default: "
+                   "%(default)s)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size of an MAE checkpoint (default: its own)")
+    p.add_argument("--in-chans", type=int, choices=[1, 3], default=1)
+    p.add_argument("--global-pool", choices=["avg", "token"], default="avg")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.set_defaults(func=run)
+
+
+def add_commands(sub) -> None:
+    """Register the four commands on the ``usfmae-fast`` subparsers."""
+    _add_finetune(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_embed(sub)

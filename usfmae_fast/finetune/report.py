@@ -1,0 +1,238 @@
+"""The evaluation report: ``report.json`` (everything) and ``report.md`` (the tables a paper
+shows), plus the ROC and confusion-matrix figures.
+
+Every number in ``report.md`` is a value of ``report.json`` written by :func:`fmt`, and numbers
+appear only in table bodies; names (classes, models, paths) are set in code spans, so
+:func:`parse_report_numbers` can read the numbers back and a test can match each one to the
+JSON. The markdown is rendered from the JSON-ready copy of the report, never from anything else.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+from .._files import atomic_write
+from ..train.figures import _pyplot, save_figure
+from .metrics import SCALAR_METRICS, _checked
+
+METRIC_LABELS = {"auc": "AUC", "auc_weighted": "AUC (weighted)", "f1": "F1",
+                 "f1_weighted": "F1 (weighted)", "accuracy": "accuracy",
+                 "balanced_accuracy": "balanced accuracy", "precision": "precision",
+                 "recall": "recall (sensitivity)", "specificity": "specificity"}
+COMPARED_METRICS = ("auc", "f1", "accuracy", "balanced_accuracy")
+_NUMBER = re.compile(r"(?<![\w.])(?:-?\d+(?:\.\d+)?|n/a)(?![\w.])")
+_CODE = re.compile(r"`[^`]*`")
+
+
+def plot_roc(y_true, probs, classes, path, title: str = "") -> Path:
+    """One-vs-rest ROC curve of every class (binary: of the positive class), AUC in the legend;
+    a class absent from ``y_true`` has no curve and says so in the legend."""
+    y_true, probs = _checked(y_true, probs, classes)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    for c in [1] if len(classes) == 2 else range(len(classes)):
+        is_class = y_true == c
+        if 0 < is_class.sum() < len(is_class):
+            RocCurveDisplay.from_predictions(is_class, probs[:, c], name=str(classes[c]), ax=ax)
+        else:
+            ax.plot([], [], " ", label=f"{classes[c]}: no ROC, one side is empty")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="gray", label="chance")
+    ax.set(xlabel="false positive rate (1 - specificity)",
+           ylabel="true positive rate (sensitivity)", title=title, aspect="equal")
+    ax.legend(loc="lower right", fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_confusion(confusion, classes, path, title: str = "") -> Path:
+    """The confusion matrix as counts (rows: true class, columns: predicted class)."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    if confusion.shape != (len(classes), len(classes)):
+        raise ValueError(f"confusion: expected {len(classes)}x{len(classes)} for classes "
+                         f"{list(classes)}, got shape {confusion.shape}")
+    plt = _pyplot()
+    side = 2.5 + 0.7 * len(classes)
+    fig, ax = plt.subplots(figsize=(side + 1, side), dpi=120)
+    long_names = max(len(str(c)) for c in classes) > 6
+    ConfusionMatrixDisplay(confusion, display_labels=[str(c) for c in classes]).plot(
+        ax=ax, cmap="Blues", values_format="d", xticks_rotation=45 if long_names else "horizontal")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def fmt(value) -> str:
+    """The one number format of report.md: 4 decimals for floats, ints as they are, ``n/a``
+    for None (an undefined metric)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4f}"
+    raise TypeError(f"fmt formats numbers and None, got {type(value).__name__} {value!r}")
+
+
+def _plain(value):
+    """A JSON-ready copy: numpy values as Python ones, paths as text, NaN / inf as None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _code(name) -> str:
+    return f"`{name}`"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return [line(header), "|" + "---|" * len(header), *map(line, rows), ""]
+
+
+def _with_ci(value, interval) -> str:
+    low, high = interval if interval else (None, None)
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
+def _mean_sd(stats: dict | None) -> str:
+    stats = stats or {}
+    return f"{fmt(stats.get('mean'))} ± {fmt(stats.get('sd'))}"
+
+
+def _figures(figures: dict | None) -> list[str]:
+    return [f"![{name}]({path})\n" for name, path in (figures or {}).items()]
+
+
+def _task_lines(task: dict) -> list[str]:
+    classes = task.get("classes", [])
+    rows = [("images", fmt(task.get("n_images"))), ("patients", fmt(task.get("n_patients")))]
+    rows += [(f"images of class {_code(name)}", fmt(count))
+             for name, count in task.get("class_counts", {}).items()]
+    rows += [("cross-validation folds", fmt(task.get("folds"))),
+             ("held-out test fraction", fmt(task.get("test_size"))),
+             ("seed", fmt(task.get("seed"))), ("data", _code(task.get("data", "")))]
+    if len(classes) == 2:
+        note = (f"F1, precision and recall are those of the positive class {_code(classes[1])}; "
+                f"specificity is the recall of {_code(classes[0])}.")
+    else:
+        note = ("F1, precision, recall, specificity and AUC (one-vs-rest) are macro averages "
+                "over the classes; the weighted rows weight each class by its images.")
+    return ["## Task", "", *_table(("", ""), rows), note, ""]
+
+
+def _comparison_lines(models: dict) -> list[str]:
+    rows = []
+    for name, model in models.items():
+        test = model.get("test", {})
+        rows.append([_code(name)] + [_with_ci(test.get("ensemble", {}).get(m),
+                                              test.get("ensemble_ci", {}).get(m))
+                                     for m in COMPARED_METRICS])
+    header = ["model"] + [f"{METRIC_LABELS[m]} [95 % CI]" for m in COMPARED_METRICS]
+    return ["## Comparison on the held-out test set", "",
+            "The ensemble of each model's fold models; intervals by percentile bootstrap over "
+            "the test images.", "", *_table(header, rows)]
+
+
+def _model_lines(name: str, model: dict, classes: Sequence[str]) -> list[str]:
+    lines = [f"## Model {_code(name)}", "", model.get("description", ""), ""]
+    if cv := model.get("cv"):
+        lines += ["### Cross-validation", "",
+                  "Mean ± sd over the folds, each scored on its own validation split.", "",
+                  *_table(("metric", "mean ± sd", "folds"),
+                          [(METRIC_LABELS[m], _mean_sd(cv["summary"].get(m)),
+                            fmt(cv["summary"].get(m, {}).get("n"))) for m in SCALAR_METRICS])]
+    test = model.get("test", {})
+    if ensemble := test.get("ensemble"):
+        lines += ["### Held-out test set", "",
+                  *_table(("metric", "ensemble [95 % CI]", "fold models mean ± sd"),
+                          [(METRIC_LABELS[m], _with_ci(ensemble.get(m),
+                                                       test.get("ensemble_ci", {}).get(m)),
+                            _mean_sd(test.get("summary", {}).get(m))) for m in SCALAR_METRICS])]
+        keys = ("precision", "recall", "f1", "specificity", "auc", "support")
+        lines += ["### Per class (test-set ensemble)", "",
+                  *_table(("class", "precision", "recall", "F1", "specificity", "AUC", "images"),
+                          [[_code(c)] + [fmt(values[k]) for k in keys]
+                           for c, values in ensemble["per_class"].items()])]
+        lines += ["### Confusion matrix (test-set ensemble)", "",
+                  "Rows: true class; columns: predicted class.", "",
+                  *_table(["true \\ predicted"] + [_code(c) for c in classes],
+                          [[_code(c)] + [fmt(v) for v in row]
+                           for c, row in zip(classes, ensemble["confusion_matrix"])])]
+    return lines + _figures(model.get("figures"))
+
+
+def render_markdown(report: dict) -> str:
+    """report.md of a JSON-ready report (see :func:`write_report`)."""
+    task = report.get("task", {})
+    models = report.get("models", {})
+    lines = [f"# {report.get('title', 'Evaluation report')}", "", *_task_lines(task)]
+    if any(model.get("test", {}).get("ensemble") for model in models.values()):
+        lines += _comparison_lines(models)
+    for name, model in models.items():
+        lines += _model_lines(name, model, task.get("classes", []))
+    for section in report.get("sections", []):
+        lines += [f"## {section['title']}", "", section.get("text", ""), ""]
+        if numbers := section.get("numbers"):
+            lines += _table(("quantity", "value"),
+                            [(_code(k), fmt(v)) for k, v in numbers.items()])
+    if figures := report.get("figures"):
+        lines += ["## Figures", "", *_figures(figures)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _warn_missing_figures(report: dict, out_dir: Path) -> None:
+    paths = [*report.get("figures", {}).values(),
+             *(p for m in report.get("models", {}).values() for p in m.get("figures", {}).values())]
+    if missing := [p for p in paths if not (out_dir / p).is_file()]:
+        warnings.warn(f"report: {len(missing)} figure(s) it links do not exist under {out_dir}: "
+                      f"{missing[:5]}", stacklevel=3)
+
+
+def write_report(report: dict, out_dir) -> tuple[Path, Path]:
+    """Writes ``out_dir/report.json`` and ``out_dir/report.md`` (each atomically); figure
+    paths in ``report`` are relative to ``out_dir``. Returns both paths."""
+    report, out_dir = _plain(report), Path(out_dir)
+    _warn_missing_figures(report, out_dir)
+    json_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    md_text = render_markdown(report)
+    json_path = atomic_write(out_dir / "report.json",
+                             lambda tmp: Path(tmp).write_text(json_text, encoding="utf-8"))
+    md_path = atomic_write(out_dir / "report.md",
+                           lambda tmp: Path(tmp).write_text(md_text, encoding="utf-8"))
+    return json_path, md_path
+
+
+def parse_report_numbers(md_text: str) -> dict[str, dict[str, list[str]]]:
+    """The numbers of report.md's table bodies as written: ``{heading path: {row label:
+    [number, ...]}}``, the heading path of level-2 and deeper headings joined by `` / ``,
+    code-span backticks dropped from headings and row labels; numbers inside code spans are
+    names and are not read."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    headings: list[str] = []
+    lines = md_text.splitlines()
+    for i, line in enumerate(lines):
+        if match := re.match(r"(#{2,})\s+(.*)", line):
+            headings = headings[:len(match.group(1)) - 2] + [match.group(2).replace("`", "")]
+            continue
+        is_header = i + 1 < len(lines) and re.fullmatch(r"\|(---\|)+", lines[i + 1])
+        if not line.startswith("| ") or is_header or re.fullmatch(r"\|(---\|)+", line):
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        numbers = [n for cell in cells[1:] for n in _NUMBER.findall(_CODE.sub("", cell))]
+        tables.setdefault(" / ".join(headings), {})[cells[0].replace("`", "")] = numbers
+    return tables
