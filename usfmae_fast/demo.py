@@ -1,25 +1,33 @@
-"""End-to-end demo on real data, CPU-friendly: pretrain a tiny ViT-MAE on every ultrasound frame
-shipped by pydicom-data and show that it learns (loss curve, held-out reconstructions).
+"""The main job end to end, on data that installs offline (``make demo`` / ``usfmae-fast demo``):
 
-    usfmae-fast demo --out outputs/demo          # or: from usfmae_fast.demo import run_demo
+1. **ingest** every ultrasound DICOM of ``pydicom-data`` (every frame; exact duplicates dropped);
+2. **pretrain** a small ViT-MAE on those real frames plus the *unlabelled* images of the
+   simulated set's development part (its test images are never seen), through the pretraining
+   engine (about 5-10 minutes on 2 CPU cores; ViT-B/16 with the fast kernels on a GPU);
+3. **fine-tune** with the clinical protocol on the simulated labelled B-mode set
+   (``usfmae_fast/demo_data/bmode_sim``: normal / cyst / solid lesion, patient ids, lesion
+   masks; made by :mod:`usfmae_fast.data.simulate`): held-out test set, 5-fold patient-grouped
+   cross-validation, the MAE-initialised ViT against the same ViT from scratch and DenseNet-169;
+4. **Score-CAM** of the best MAE-initialised fold model on the test set's lesion images, with the
+   pointing game and the energy inside the lesion masks;
+5. **report**: ``report.md`` + ``report.json`` with every figure and number, path printed.
 
-Runs through the pretraining engine (``usfmae-fast pretrain --preset demo`` is the same run)
-and writes its artefacts -- ``loss_curve.png``, ``reconstruction.png``, ``history.csv``,
-``checkpoint.safetensors``, ``summary.json``, training checkpoints -- plus ``metrics.json``
-under ``out_dir``.
+``quick=True`` (``--quick``) runs the same pipeline at a size for CI (a few subjects per
+class, 2 folds, a few steps and epochs, 32 px).
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
-import platform
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from .train.config import build_config
-from .train.engine import pretrain
+DEMO_SET = Path(__file__).resolve().parent / "demo_data" / "bmode_sim"
+LESION_CLASSES = ("cyst", "solid")
 
 
 def free_cores() -> int:
@@ -34,70 +42,261 @@ def free_cores() -> int:
     return max(1, min(cores or 1, (cores or 1) - busy))
 
 
-def run_demo(out_dir="outputs/demo", steps: int = 300, batch_size: int = 32, img_size: int = 64,
-             patch_size: int = 8, seed: int = 0, *, embed_dim: int = 192, depth: int = 4,
-             num_heads: int = 3, decoder_embed_dim: int = 128, decoder_depth: int = 2,
-             decoder_num_heads: int = 4, norm_pix_loss: bool = True, mask_ratio: float = 0.75,
-             blr: float = 1e-2, warmup_steps: int | None = None, clip_grad: float | None = 1.0,
-             holdout: int = 4, max_frames_per_file: int | None = 32,
-             num_threads: int | None = None, progress: bool = True) -> dict:
-    """Pretrain a tiny MAE on the pydicom-data ultrasound frames through the pretraining engine
-    (the ``demo`` preset, any argument overriding it); returns the metrics dict.
+@dataclass
+class DemoConfig:
+    out_dir: str = "outputs/demo"
+    labels: str = str(DEMO_SET / "labels.csv")
+    masks: str = str(DEMO_SET / "masks")
+    models: tuple[str, ...] = ("usfmae", "vit_scratch", "densenet169")
+    seed: int = 0
+    img_size: int = 64
+    pretrain_steps: int = 600
+    pretrain_batch: int = 32
+    finetune_epochs: int = 30
+    finetune_batch: int = 32
+    patience: int = 10
+    folds: int = 5
+    test_size: float = 0.2
+    subjects_per_class: int | None = None  # None: every subject of the labelled set
+    n_boot: int = 1000
+    threads: int | None = None             # None: free_cores()
+    progress: bool = True
 
-    ``num_threads=None`` uses :func:`free_cores`.
-    """
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    cfg = build_config("demo", overrides={
-        "model.img_size": img_size, "model.patch_size": patch_size, "model.embed_dim": embed_dim,
-        "model.depth": depth, "model.num_heads": num_heads,
-        "model.decoder_embed_dim": decoder_embed_dim, "model.decoder_depth": decoder_depth,
-        "model.decoder_num_heads": decoder_num_heads, "model.norm_pix_loss": norm_pix_loss,
-        "data.source": "demo", "data.heldout": holdout,
-        "data.max_frames_per_file": max_frames_per_file,
-        "optim.steps": steps, "optim.batch_size": batch_size, "optim.blr": blr,
-        "optim.mask_ratio": mask_ratio, "optim.clip_grad": clip_grad,
-        "optim.warmup_steps": max(1, steps // 10) if warmup_steps is None else warmup_steps,
-        "system.seed": seed, "system.num_threads": free_cores() if num_threads is None
-        else num_threads,
-        "output.out_dir": str(out_dir), "output.progress": progress,
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        """The CI size: 6 subjects per class, 2 folds, 20 MAE steps, 2 epochs, 32 px."""
+        return replace(cls(img_size=32, pretrain_steps=20, pretrain_batch=16,
+                           finetune_epochs=2, finetune_batch=16, patience=0, folds=2,
+                           test_size=0.25, subjects_per_class=6, n_boot=200), **overrides)
+
+
+def _say(cfg: DemoConfig, text: str) -> None:
+    if cfg.progress:
+        print(f"demo: {text}", flush=True)
+
+
+def select_subjects(labels_csv: Path, per_class: int | None, out: Path) -> Path:
+    """``labels_csv`` itself, or a copy listing the first ``per_class`` subjects of each class
+    (paths made absolute)."""
+    if per_class is None:
+        return labels_csv
+    with labels_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames
+    kept: dict[str, list[str]] = {}
+    chosen = []
+    for row in rows:
+        subjects = kept.setdefault(row["label"], [])
+        if row["patient_id"] not in subjects and len(subjects) < per_class:
+            subjects.append(row["patient_id"])
+        if row["patient_id"] in subjects:
+            chosen.append({**row, "path": str((labels_csv.parent / row["path"]).resolve())})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(chosen)
+    return out
+
+
+def ingest_stage(cfg: DemoConfig, out: Path) -> dict:
+    from .data.dicom_frames import ultrasound_test_files
+    from .data.ingest import ingest
+
+    files = ultrasound_test_files()
+    if not files:
+        raise RuntimeError("no ultrasound DICOMs found: is pydicom-data installed?")
+    # every frame of every cine: near-duplicate dropping off, exact duplicates still dropped
+    return ingest(files, out, workers=cfg.threads, progress=cfg.progress, near_dup_bits=-1)
+
+
+def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tuple[Path, dict]:
+    """A ``path`` CSV of the ingested frames + the simulated development images, and their
+    pixel mean / std (in [0, 1]) for the normalisation."""
+    from PIL import Image
+
+    with (ingest_dir / "manifest.csv").open(newline="") as f:
+        frames = [str((ingest_dir / row["path"]).resolve()) for row in csv.DictReader(f)]
+    paths = frames + list(dev_paths)
+    total = sq = count = 0.0
+    for path in paths:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+        total, sq, count = total + pixels.sum(), sq + (pixels ** 2).sum(), count + pixels.size
+    mean = total / count
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path"])
+        writer.writerows([p] for p in paths)
+    return out, {"real_frames": len(frames), "simulated_images": len(dev_paths),
+                 "mean": mean, "std": max(sq / count - mean * mean, 1e-12) ** 0.5}
+
+
+def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dict:
+    from .train.config import build_config
+    from .train.engine import pretrain
+
+    train_cfg = build_config("demo", overrides={
+        "model.img_size": cfg.img_size, "model.patch_size": 8 if cfg.img_size >= 64 else 4,
+        "data.source": str(source), "data.mean": stats["mean"], "data.std": stats["std"],
+        "data.heldout": 4, "data.backend": "torch" if cfg.img_size < 64 else "auto",
+        "optim.steps": cfg.pretrain_steps, "optim.batch_size": cfg.pretrain_batch,
+        "optim.warmup_steps": max(1, cfg.pretrain_steps // 10),
+        "system.seed": cfg.seed, "system.num_threads": cfg.threads,
+        "output.out_dir": str(out), "output.progress": cfg.progress,
         "output.overwrite": True})  # the demo's folder is disposable: always a fresh run
-    summary = pretrain(cfg)
-    data = summary["data"]
-    metrics = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "loss_window": summary["loss_window"],
-        "first_loss_mean": summary["first_loss_mean"],
-        "last_loss_mean": summary["last_loss_mean"],
-        "final_loss": summary["final_loss"],
-        "heldout_loss_before": summary["heldout_loss_init"],
-        "heldout_loss_after": summary["heldout_loss_end"],
-        "heldout_masked_mse": summary["heldout_masked_mse"],
-        "images_per_s": summary["throughput"]["images_per_s"],
-        "train_seconds": summary["train_seconds"],
-        "total_seconds": time.perf_counter() - started,
-        "frames": {k: data[k] for k in ("files", "files_used", "decoded", "duplicates_dropped",
-                                        "used", "train", "heldout", "heldout_files", "skipped")},
-        "data": {"img_size": img_size, "mean": summary["data_mean"], "std": summary["data_std"],
-                 "base_size": data["base_size"], "max_frames_per_file": max_frames_per_file},
-        "model_config": summary["model_config"],
-        "train_config": summary["config"],
-        "peak_lr": cfg.peak_lr(),
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": summary["throughput"]["device"],
-                        "machine": platform.processor() or platform.machine()},
-        "artefacts": {**{k: v for k, v in summary["artefacts"].items() if k != "weights"},
-                      "checkpoint": summary["artefacts"]["weights"],
-                      "metrics": str(out_dir / "metrics.json")},
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if progress:
-        print(f"demo: {data['train']} train / {data['heldout']} held-out frames from "
-              f"{data['files_used']} of {data['files']} ultrasound files; loss "
-              f"{metrics['first_loss_mean']:.4f} -> {metrics['last_loss_mean']:.4f} "
-              f"({steps} steps, {metrics['images_per_s']:.1f} img/s); held-out loss "
-              f"{metrics['heldout_loss_before']:.4f} -> {metrics['heldout_loss_after']:.4f}")
-        for name, path in metrics["artefacts"].items():
-            print(f"  {name:15s} {path}")
-    return metrics
+    return pretrain(train_cfg)
+
+
+def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path):
+    from .finetune.engine import TrainConfig
+    from .finetune.protocol import ProtocolConfig
+
+    train = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch,
+                        img_size=cfg.img_size, warmup_epochs=max(1, cfg.finetune_epochs // 10),
+                        patience=cfg.patience or None, progress=cfg.progress,
+                        threads=cfg.threads, blr=2e-3, drop_path=0.1)
+    return ProtocolConfig(labels=str(labels), out_dir=str(out), models=list(cfg.models),
+                          init=str(init) if init else None, folds=cfg.folds,
+                          test_size=cfg.test_size, seed=cfg.seed, n_boot=cfg.n_boot,
+                          title="USF-MAE demo: pretraining, fine-tuning, Score-CAM", train=train)
+
+
+def dev_and_test(protocol) -> tuple[list[str], list[str], list[str]]:
+    """The development and test image paths (and test labels) of the protocol's split, before
+    any model exists: the same read and split functions, arguments and seed as
+    :func:`usfmae_fast.finetune.protocol.prepare`."""
+    from .finetune.labels import read_labels
+    from .finetune.splits import holdout_split
+
+    data = read_labels(protocol.labels, protocol.classes, protocol.check)
+    dev, test = holdout_split(data.labels, data.groups, protocol.test_size, protocol.seed,
+                              data.classes)
+    return ([data.paths[i] for i in dev], [data.paths[i] for i in test],
+            [data.classes[data.labels[i]] for i in test])
+
+
+def scorecam_stage(cfg: DemoConfig, finetune_report: dict, finetune_dir: Path,
+                   test_paths: list[str], test_labels: list[str], out: Path) -> dict:
+    """Score-CAM of the MAE-initialised model's best fold (validation AUC) on the lesion images
+    of the test set."""
+    from .explain.run import explain_images
+
+    name = "usfmae" if "usfmae" in finetune_report["models"] else next(iter(finetune_report["models"]))
+    folds = finetune_report["models"][name]["cv"]["folds"]
+    best = int(np.argmax([f["auc"] if f["auc"] is not None else -1 for f in folds]))
+    images = [p for p, c in zip(test_paths, test_labels) if c in LESION_CLASSES]
+    summary = explain_images(finetune_dir / name / f"fold{best}" / "best.safetensors", images,
+                             out, masks=cfg.masks, device="cpu" if cfg.threads else None)
+    per_class = {}
+    for c in LESION_CLASSES:
+        hits = [r["pointing_game"] for r, label in zip(summary["images"], test_labels_of(
+            summary, test_paths, test_labels)) if label == c and "pointing_game" in r]
+        per_class[c] = float(np.mean(hits)) if hits else None
+    return {**summary, "model_name": name, "fold": best, "pointing_game_per_class": per_class}
+
+
+def test_labels_of(summary: dict, paths: list[str], labels: list[str]) -> list[str]:
+    by_path = dict(zip(paths, labels))
+    return [by_path[r["image"]] for r in summary["images"]]
+
+
+def _rebased(figures: dict, folder: str) -> dict:
+    return {k: f"{folder}/{v}" for k, v in figures.items()}
+
+
+def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats: dict,
+                 pretrain: dict, cam: dict, seconds: dict) -> dict:
+    """The fine-tuning report with the other stages' sections and figures, paths relative to
+    the demo folder."""
+    report = json.loads(json.dumps(finetune_report))
+    for entry in report["models"].values():
+        entry["figures"] = _rebased(entry.get("figures", {}), "finetune")
+    arte = pretrain["artefacts"]
+    report["figures"] = {
+        "pretraining loss": "pretrain/loss_curve.png",
+        "reconstructions of held-out images (original / masked / reconstruction)":
+            "pretrain/reconstruction.png",
+        f"Score-CAM of {cam['model_name']} fold {cam['fold']} on test lesions "
+        "(mask outlines)": "scorecam/grid.png"}
+    report["figures"] = {k: v for k, v in report["figures"].items()
+                         if (k != "pretraining loss" or "loss_curve" in arte)}
+    sim = {"simulated_images": sim_meta.get("images"),
+           "simulated_subjects_per_class": sim_meta.get("subjects_per_class")}
+    report["sections"] = [
+        {"title": "Data",
+         "text": ("Pretraining: every frame of the pydicom-data ultrasound DICOMs through "
+                  "`usfmae-fast ingest` (exact duplicates dropped) plus the simulated set's "
+                  "development images without labels. Fine-tuning: the simulated B-mode set "
+                  "(pymust; physics in demo_data/bmode_sim/metadata.json)."),
+         "numbers": {"dicom_files": ingest["files"], "frames_read": ingest["frames_read"],
+                     "frames_written": ingest["frames_written"],
+                     "duplicates_removed": ingest["duplicates_removed"],
+                     "pretraining_real_frames": pre_stats["real_frames"],
+                     "pretraining_simulated_images": pre_stats["simulated_images"],
+                     **{k: v for k, v in sim.items() if v is not None}}},
+        {"title": "Pretraining",
+         "text": (f"ViT-MAE {pretrain['model_config']['embed_dim']} wide x "
+                  f"{pretrain['model_config']['depth']} blocks, patch "
+                  f"{pretrain['model_config']['patch_size']}, mask ratio "
+                  f"{pretrain['config']['optim']['mask_ratio']}, norm_pix_loss, on "
+                  f"{pretrain['throughput']['device'] if pretrain['throughput'] else 'cpu'}."),
+         "numbers": {"steps": pretrain["steps"], "first_loss_mean": pretrain["first_loss_mean"],
+                     "last_loss_mean": pretrain["last_loss_mean"],
+                     "heldout_loss_before": pretrain["heldout_loss_init"],
+                     "heldout_loss_after": pretrain["heldout_loss_end"],
+                     "images_per_s": (pretrain["throughput"] or {}).get("images_per_s"),
+                     "train_seconds": pretrain["train_seconds"]}},
+        *report.get("sections", []),
+        {"title": "Score-CAM",
+         "text": (f"Score-CAM (`{cam['target_layer']}`, {cam['score']} scores, {cam['weights']} "
+                  f"weights) of the best {cam['model_name']} fold on the test set's lesion "
+                  "images; pointing game: the heatmap's maximum lies inside the lesion mask; "
+                  "energy: the share of the heatmap inside the mask."),
+         "numbers": {"images_with_masks": cam["images_with_masks"],
+                     "pointing_game": cam["pointing_game"],
+                     "energy_in_mask": cam["energy_in_mask"],
+                     **{f"pointing_game_{c}": v
+                        for c, v in cam["pointing_game_per_class"].items()}}},
+        {"title": "Run time", "text": "Wall-clock seconds of each stage.",
+         "numbers": {f"{k}_seconds": v for k, v in seconds.items()}},
+    ]
+    return report
+
+
+def run_demo(cfg: DemoConfig | None = None) -> dict:
+    """Run every stage into ``cfg.out_dir``; returns the report (also ``report.json``)."""
+    from .finetune.protocol import run_protocol
+    from .finetune.report import write_report
+
+    cfg = cfg or DemoConfig()
+    cfg = replace(cfg, threads=cfg.threads or free_cores())
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, fn, *args):
+        _say(cfg, f"{name} ...")
+        started = time.perf_counter()
+        result = fn(*args)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        _say(cfg, f"{name} done in {seconds[name]} s")
+        return result
+
+    labels = select_subjects(Path(cfg.labels), cfg.subjects_per_class, out / "labels.csv")
+    protocol = finetune_config(cfg, labels, None, out / "finetune")
+    dev_paths, test_paths, test_labels = dev_and_test(protocol)  # bad labels fail here, first
+    ingest = stage("ingest", ingest_stage, cfg, out / "ingest")
+    source, pre_stats = pretraining_images(out / "ingest", dev_paths, out / "pretrain_images.csv")
+    pretrain = stage("pretrain", pretrain_stage, cfg, source, pre_stats, out / "pretrain")
+    protocol = replace(protocol, init=pretrain["artefacts"]["weights"])
+    finetune = stage("finetune", run_protocol, protocol)
+    cam = stage("scorecam", scorecam_stage, cfg, finetune, out / "finetune", test_paths,
+                test_labels, out / "scorecam")
+    meta_path = Path(cfg.labels).parent / "metadata.json"
+    sim_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    report = build_report(finetune, ingest, sim_meta, pre_stats, pretrain, cam, seconds)
+    json_path, md_path = write_report(report, out)
+    _say(cfg, f"report: {md_path.resolve()} (numbers: {json_path.resolve()})")
+    return report

@@ -3,21 +3,27 @@ stratified patient-grouped splits, classification metrics with bootstrap interva
 report (JSON, markdown, ROC and confusion-matrix figures); classifiers from USF-MAE / MAE
 checkpoints and timm baselines, one fold's training, the k-fold + test-set protocol, and
 prediction / feature extraction on images and DICOMs."""
-from .labels import LabelError, LabelledSet, read_labels
-from .metrics import SCALAR_METRICS, bootstrap_ci, classification_metrics, summarize
-from .report import fmt, plot_confusion, plot_roc, render_markdown, write_report
-from .splits import SplitError, check_splits, holdout_split, kfold_splits
-from .engine import FoldResult, TrainConfig, train_fold
-from .inference import embed_images, predict_images
-from .models import (LoadedClassifier, ModelSpec, build_classifier, load_finetuned, model_spec,
-                     save_classifier)
-from .protocol import ProtocolConfig, evaluate_checkpoints, quick_config, run_protocol
+import importlib
 
-__all__ = ["LabelError", "LabelledSet", "SCALAR_METRICS", "SplitError", "bootstrap_ci",
-           "check_splits", "classification_metrics", "fmt", "holdout_split", "kfold_splits",
-           "plot_confusion", "plot_roc", "read_labels", "render_markdown", "summarize",
-           "write_report",
-           "FoldResult", "LoadedClassifier", "ModelSpec", "ProtocolConfig", "TrainConfig",
-           "build_classifier", "embed_images", "evaluate_checkpoints", "load_finetuned",
-           "model_spec", "predict_images", "quick_config", "run_protocol", "save_classifier",
-           "train_fold"]
+_EXPORTS = {
+    "labels": ("LabelError", "LabelledSet", "read_labels"),
+    "metrics": ("SCALAR_METRICS", "bootstrap_ci", "classification_metrics", "summarize"),
+    "report": ("fmt", "plot_confusion", "plot_roc", "render_markdown", "write_report"),
+    "splits": ("SplitError", "check_splits", "holdout_split", "kfold_splits"),
+    "engine": ("FoldResult", "TrainConfig", "train_fold"),
+    "inference": ("embed_images", "predict_images"),
+    "models": ("LoadedClassifier", "ModelSpec", "build_classifier", "load_finetuned",
+               "model_spec", "save_classifier"),
+    "protocol": ("ProtocolConfig", "evaluate_checkpoints", "quick_config", "run_protocol"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    # lazy: `usfmae-fast --help` and the other subcommands must not wait for torch / sklearn
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -142,12 +142,9 @@ def autocast(device: torch.device, precision: str):
 
 
 def accelerate_vit(model: nn.Module) -> nn.Module:
-    """The single call site of ``usfmae_fast.accelerate`` (timm ViT attention -> our fused op);
-    the model is left as it is until that module exists."""
-    try:
-        from ..accelerate import accelerate
-    except ImportError:
-        return model
+    """The single call site of ``usfmae_fast.accelerate``: the timm ViT's attention runs our
+    fused op (its original code wherever ours cannot, see ``_accelerate``)."""
+    from .._accelerate import accelerate
     return accelerate(model)
 
 

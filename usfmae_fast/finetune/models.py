@@ -204,8 +204,14 @@ def build_classifier(spec: ModelSpec, num_classes: int, *, img_size: int = 224,
     inputs = {"mean": mean, "std": std, "input_size": [in_chans, img_size, img_size]}
     # a weights file is read with the registry's input_size (its channels); ours come after
     overlay = {"file": spec.weights} if spec.weights else inputs
-    model = timm.create_model(arch, pretrained=bool(spec.weights), drop_path_rate=drop_path,
-                              pretrained_cfg_overlay=overlay, **kwargs)
+    create = dict(pretrained=bool(spec.weights), pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        model = timm.create_model(arch, drop_path_rate=drop_path, **create)
+    except TypeError as exc:  # e.g. DenseNet: no stochastic depth in its blocks
+        if "drop_path_rate" not in str(exc):
+            raise
+        model = timm.create_model(arch, **create)
+        notes.append(f"{arch} has no drop path (stochastic depth): trained without it")
     model.pretrained_cfg.update(inputs)
     kwargs["pretrained_cfg_overlay"] = inputs  # saved: Score-CAM / evaluate prepare inputs alike
     if state is not None:
