@@ -1,8 +1,9 @@
-"""The demo end to end at a reduced size (real pydicom-data frames, a very small ViT-MAE), plus
-the pieces it is built from: the seeded dataset, the lr schedule, the weight-decay groups."""
+"""The main job end to end at the CI size (``usfmae-fast demo --quick``): every stage runs on
+the real pydicom-data frames and the committed simulated set, every artefact is written, and
+every number in report.md is the one in report.json; plus the pieces the pretraining stage is
+built from (the seeded dataset, the lr schedule, the weight-decay groups)."""
 import csv
 import json
-import math
 
 import numpy as np
 import pytest
@@ -10,72 +11,95 @@ import torch
 
 pytest.importorskip("pydicom.data")
 
+from test_finetune_report import json_numbers  # noqa: E402
+
 from usfmae_fast.data.torch_loader import GrayFrameDataset  # noqa: E402
+from usfmae_fast.finetune.report import fmt, parse_report_numbers  # noqa: E402
 from usfmae_fast.train.optim import param_groups, warmup_cosine  # noqa: E402
 
-SMALL = dict(steps=40, batch_size=16, img_size=32, patch_size=8, seed=0, embed_dim=64, depth=2,
-             num_heads=2, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2,
-             blr=0.02, holdout=3, max_frames_per_file=8, num_threads=1, progress=False)
+MODELS = ("usfmae", "vit_scratch", "densenet169")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from usfmae_fast.demo import run_demo
+    from usfmae_fast.cli import main
 
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, **SMALL)
+    assert main(["demo", "--quick", "--out", str(out), "--threads", "1", "--quiet"]) == 0
+    return out, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
 
 
-def test_demo_writes_every_artefact(demo):
+def _png(path):
     from PIL import Image
 
-    out, metrics = demo
-    for name in ("loss_curve.png", "reconstruction.png", "metrics.json", "history.csv",
-                 "checkpoint.safetensors"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    for name in ("loss_curve.png", "reconstruction.png"):
-        with Image.open(out / name) as img:
-            img.verify()
-        with Image.open(out / name) as img:
-            assert img.format == "PNG" and min(img.size) >= 200
-            assert np.asarray(img.convert("L")).std() > 5  # not a blank canvas
-    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= 32, path
+        return np.asarray(img.convert("L")).std() > 5  # not a blank canvas
 
 
-def test_demo_metrics(demo):
-    _, metrics = demo
-    assert metrics["steps"] == SMALL["steps"] and metrics["batch_size"] == SMALL["batch_size"]
-    frames = metrics["frames"]
-    assert frames["files"] >= 1 and frames["train"] >= SMALL["batch_size"]
-    assert frames["heldout"] == SMALL["holdout"] == len(frames["heldout_files"])
-    assert frames["used"] == frames["train"] + frames["heldout"]
-    for key in ("first_loss_mean", "last_loss_mean", "final_loss", "heldout_loss_before",
-                "heldout_loss_after", "images_per_s", "train_seconds"):
-        assert math.isfinite(metrics[key]) and metrics[key] > 0, key
-    assert metrics["model_config"]["img_size"] == SMALL["img_size"]
-    assert metrics["model_config"]["in_chans"] == 1
+def test_every_artefact_exists(demo):
+    out, report, md = demo
+    assert (out / "ingest" / "manifest.csv").is_file()
+    for name in ("checkpoint.safetensors", "history.csv", "summary.json"):
+        assert (out / "pretrain" / name).stat().st_size > 0, name
+    assert list(report["models"]) == list(MODELS)
+    for name in MODELS:
+        folds = sorted((out / "finetune" / name).glob("fold*/best.safetensors"))
+        assert len(folds) == report["task"]["folds"] == 2
+        assert (out / "finetune" / name / "test_predictions.csv").is_file()
+    assert (out / "finetune" / "splits.csv").is_file()
+    figures = [*report["figures"].values()] + [f for m in report["models"].values()
+                                               for f in m["figures"].values()]
+    assert {"pretrain/loss_curve.png", "pretrain/reconstruction.png",
+            "scorecam/grid.png"} <= set(figures)
+    for figure in figures:
+        assert _png(out / figure) and f"]({figure})" in md
+    cam = json.loads((out / "scorecam" / "summary.json").read_text())
+    assert cam["images_with_masks"] == len(cam["images"]) > 0  # every lesion has its mask
 
 
-def test_demo_loss_falls(demo):
-    out, metrics = demo
-    with (out / "history.csv").open() as f:
-        losses = [float(row["loss"]) for row in csv.DictReader(f)]
-    assert len(losses) == SMALL["steps"]
-    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
-    assert last < 0.9 * first, (first, last)
-    assert metrics["last_loss_mean"] < metrics["first_loss_mean"]
-    assert metrics["heldout_loss_after"] < metrics["heldout_loss_before"]
+def test_report_numbers_equal_report_json(demo):
+    _, report, md = demo
+    tables = parse_report_numbers(md)
+    tokens = {t for rows in tables.values() for numbers in rows.values() for t in numbers}
+    assert len(tokens) > 50 and not tokens - json_numbers(report)
+    for section in report["sections"]:
+        assert tables[section["title"]] == {k: [fmt(v)] for k, v in section["numbers"].items()}
+    for name, model in report["models"].items():
+        ensemble, ci = model["test"]["ensemble"], model["test"]["ensemble_ci"]
+        assert tables["Comparison on the held-out test set"][name][:3] == [
+            fmt(ensemble["auc"]), *map(fmt, ci["auc"])]
 
 
-def test_checkpoint_reloads_to_the_same_model(demo):
-    from usfmae_fast.models.checkpoint import load_model, read_checkpoint
+def test_stages_report_what_they_did(demo):
+    out, report, _ = demo
+    numbers = {s["title"]: s["numbers"] for s in report["sections"]}
+    data = numbers["Data"]
+    assert data["frames_written"] == data["pretraining_real_frames"] > 0
+    with (out / "finetune" / "splits.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    test_images = {r["path"] for r in rows if r["set"] == "test"}
+    with (out / "pretrain_images.csv").open(newline="") as f:
+        pretraining = {r["path"] for r in csv.DictReader(f)}
+    assert test_images and not test_images & pretraining  # the MAE never saw a test image
+    assert data["pretraining_simulated_images"] == len(rows) - len(test_images)
+    pre = numbers["Pretraining"]
+    assert pre["steps"] == 20 and np.isfinite(pre["last_loss_mean"])
+    assert pre["last_loss_mean"] < pre["first_loss_mean"]
+    cam = numbers["Score-CAM"]
+    assert 0 <= cam["pointing_game"] <= 1 and 0 <= cam["energy_in_mask"] <= 1
+    assert set(numbers["Run time"]) == {f"{s}_seconds" for s in
+                                        ("ingest", "pretrain", "finetune", "scorecam")}
 
-    out, metrics = demo
-    state, config = read_checkpoint(out / "checkpoint.safetensors")
-    assert config == metrics["model_config"]
-    model = load_model(out / "checkpoint.safetensors")
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)
+
+def test_bad_labels_fail_before_any_stage(tmp_path):
+    from usfmae_fast.cli import main
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,patient_id\nmissing.png,cyst,p1\n")
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--out", str(out), "--quiet", "--labels", str(labels)]) == 2
+    assert not (out / "ingest").exists()
 
 
 def test_dataset_is_seeded_per_epoch_and_index():

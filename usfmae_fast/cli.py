@@ -19,7 +19,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
-    fields = {"out_dir": args.out, "seed": args.seed, "pretrain_steps": args.steps,
+    fields = {"out_dir": args.out, "labels": args.labels, "masks": args.masks, "seed": args.seed, "pretrain_steps": args.steps,
               "finetune_epochs": args.epochs, "folds": args.folds, "threads": args.threads,
               "models": tuple(args.models.split(",")) if args.models else None,
               "progress": not args.quiet}
@@ -47,6 +47,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs per fold (default: 30)")
     p.add_argument("--folds", type=int, help="cross-validation folds (default: 5)")
     p.add_argument("--models", help="comma-separated, default usfmae,vit_scratch,densenet169")
+    p.add_argument("--labels", help="labelled set to fine-tune on: CSV path,label,patient_id "
+                   "(default: the simulated set in usfmae_fast/demo_data/bmode_sim)")
+    p.add_argument("--masks", help="lesion masks of that set, named like its images")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--threads", type=int, help="torch threads (default: the idle cores)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

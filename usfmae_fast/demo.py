@@ -139,7 +139,7 @@ def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dic
     train_cfg = build_config("demo", overrides={
         "model.img_size": cfg.img_size, "model.patch_size": 8 if cfg.img_size >= 64 else 4,
         "data.source": str(source), "data.mean": stats["mean"], "data.std": stats["std"],
-        "data.heldout": 4, "data.backend": "torch" if cfg.img_size < 64 else "auto",
+        "data.heldout": 4,
         "optim.steps": cfg.pretrain_steps, "optim.batch_size": cfg.pretrain_batch,
         "optim.warmup_steps": max(1, cfg.pretrain_steps // 10),
         "system.seed": cfg.seed, "system.num_threads": cfg.threads,
