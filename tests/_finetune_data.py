@@ -6,7 +6,10 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from usfmae_fast.models import MaskedAutoencoderViT, save_safetensors
 
 CLASSES = ("normal", "cyst", "solid")
 
@@ -55,3 +58,15 @@ def make_unlabelled_set(root, count: int = 200, size: int = 32, seed: int = 1,
         Image.fromarray(bmode_like(CLASSES[i % len(CLASSES)], rng, size, contrast)).save(
             root / f"u{i:04d}.png")
     return root
+
+
+TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny_mae_checkpoint(folder: Path) -> Path:
+    """A seeded, untrained 1-channel tiny MAE saved as our pretraining checkpoint."""
+    torch.manual_seed(0)
+    path = Path(folder) / "checkpoint.safetensors"
+    save_safetensors(MaskedAutoencoderViT(in_chans=1, **TINY_MAE), path)
+    return path

@@ -31,3 +31,13 @@ def backend():
     previous = ops.get_backend()
     yield ops.set_backend
     ops.set_backend(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a busy 2-core machine: a second thread mostly adds synchronisation (up
+    to 10x slower). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from usfmae_fast.ops.triton import _utils as triton_utils
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """CPU-sized models: a second thread mostly adds synchronisation (10x slower when busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -32,13 +32,7 @@ def quiet_tqdm(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")  # grad-cam's ScoreCAM shows a bar per image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: threads only add synchronisation (10x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:

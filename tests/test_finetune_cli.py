@@ -8,23 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
-from _finetune_data import make_labelled_set
+from _finetune_data import TINY_MAE, make_labelled_set, tiny_mae_checkpoint
 from usfmae_fast.cli import main
-from usfmae_fast.models import MaskedAutoencoderViT, save_safetensors
+from usfmae_fast.models import MaskedAutoencoderViT
 
-TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 QUICK = ["--quick", "--quiet", "--epochs", "1", "--backend", "torch", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +26,7 @@ def labels(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mae_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("mae") / "checkpoint.safetensors"
-    save_safetensors(MaskedAutoencoderViT(in_chans=1, **TINY_MAE), path)
-    return path
+    return tiny_mae_checkpoint(tmp_path_factory.mktemp("mae"))
 
 
 @pytest.fixture(scope="module")

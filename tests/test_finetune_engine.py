@@ -11,7 +11,7 @@ import safetensors
 import timm
 import torch
 
-from _finetune_data import make_labelled_set
+from _finetune_data import TINY_MAE, make_labelled_set, tiny_mae_checkpoint
 from usfmae_fast.finetune.engine import (Preprocess, TrainConfig, _better, balanced_indices,
                                          build_optimizer, predict_probs, soft_target_loss,
                                          train_fold)
@@ -20,29 +20,18 @@ from usfmae_fast.finetune.models import (ModelSpec, ProbeHead, build_classifier,
                                          classifier_state_dict, load_finetuned, model_spec,
                                          pretraining_stats, save_classifier)
 from usfmae_fast.finetune.splits import kfold_splits
-from usfmae_fast.models import MaskedAutoencoderViT, save_safetensors
+from usfmae_fast.models import MaskedAutoencoderViT
 from usfmae_fast.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from usfmae_fast.train.optim import WarmupCosineLR
 
-TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy machine: more threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def mae_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("mae") / "checkpoint.safetensors"
-    save_safetensors(MaskedAutoencoderViT(in_chans=1, **TINY_MAE), path)
-    return path
+    return tiny_mae_checkpoint(tmp_path_factory.mktemp("mae"))
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +229,11 @@ def test_bad_hyper_parameters_name_the_field():
         TrainConfig(imbalance="oversample").validate()
     with pytest.raises(ValueError, match="std"):
         TrainConfig(mean=0.2).validate()
+
+
+def test_densenet_without_drop_path_still_builds():
+    """DenseNet's blocks have no stochastic depth: the baseline trains without it, noted."""
+    built = build_classifier(model_spec("densenet169"), 3, img_size=32, in_chans=1,
+                             drop_path=0.1)
+    assert any("no drop path" in note for note in built.notes)
+    assert built.model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 3)

@@ -7,26 +7,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from _finetune_data import make_labelled_set, make_unlabelled_set
+from _finetune_data import make_labelled_set, make_unlabelled_set, tiny_mae_checkpoint
 from usfmae_fast.finetune import protocol
 from usfmae_fast.finetune.labels import LabelError
 from usfmae_fast.finetune.protocol import evaluate_checkpoints, quick_config, run_protocol
 from usfmae_fast.finetune.splits import SplitError
-from usfmae_fast.models import MaskedAutoencoderViT, save_safetensors
+from usfmae_fast.models import save_safetensors
 
-TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 MODELS = ["usfmae", "vit_scratch_linprobe", "test_resnet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +28,7 @@ def labels(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mae_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("mae") / "checkpoint.safetensors"
-    save_safetensors(MaskedAutoencoderViT(in_chans=1, **TINY_MAE), path)
-    return path
+    return tiny_mae_checkpoint(tmp_path_factory.mktemp("mae"))
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ them (``summary.json`` beside it, or its ``train_config`` metadata), else ``US_M
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
