@@ -230,3 +230,19 @@ def test_torch_loader_augmentation_does_not_depend_on_workers(images):
     workers = batches(load(images, "torch", rotate=10, workers=2), epochs=2)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(inline, workers))
     assert not torch.equal(inline[0][0], inline[8][0])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=requires_dali)])
+def test_crop_scale_sets_the_random_crop_area(images, backend):
+    """The green channel rises top to bottom: whole-image crops keep its full range, crops of
+    10-20 % of the area keep a fraction of it."""
+    def vertical_range(crop_scale):
+        x = torch.cat([x for x, _ in batches(load(images, backend, kind="pretrain", channels=3,
+                                                  crop_scale=crop_scale, seed=1))])
+        green = x[:, 1].float()
+        return float((green[:, -8:].mean() - green[:, :8].mean()) * US_STD * 255)
+
+    whole, small = vertical_range((1.0, 1.0)), vertical_range((0.1, 0.2))
+    assert whole > 100 and small < 0.6 * whole, (whole, small)
+    with pytest.raises(ValueError, match="crop_scale"):
+        load(images, backend, kind="pretrain", crop_scale=(0.5, 1.5))

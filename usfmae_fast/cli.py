@@ -44,7 +44,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="CI size: 6 subjects per class, 2 folds, 20 steps, 2 epochs, 32 px")
     p.add_argument("--steps", type=int, help="MAE pretraining steps (default: 600)")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs per fold (default: 30)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs per fold (default: 15)")
     p.add_argument("--folds", type=int, help="cross-validation folds (default: 5)")
     p.add_argument("--models", help="comma-separated, default usfmae,vit_scratch,densenet169")
     p.add_argument("--labels", help="labelled set to fine-tune on: CSV path,label,patient_id "

@@ -52,9 +52,11 @@ class DemoConfig:
     img_size: int = 64
     pretrain_steps: int = 600
     pretrain_batch: int = 32
-    finetune_epochs: int = 30
-    finetune_batch: int = 32
-    patience: int = 10
+    finetune_epochs: int = 15
+    finetune_batch: int = 16
+    finetune_lr: float = 3e-3              # a tiny ViT on ~200 images needs this (1e-3 stalls)
+    crop_min: float = 0.5                  # random crops keep at least half the image: lesions stay
+    patience: int = 5
     folds: int = 5
     test_size: float = 0.2
     subjects_per_class: int | None = None  # None: every subject of the labelled set
@@ -153,9 +155,10 @@ def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path)
     from .finetune.protocol import ProtocolConfig
 
     train = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch,
-                        img_size=cfg.img_size, warmup_epochs=max(1, cfg.finetune_epochs // 10),
+                        img_size=cfg.img_size, warmup_epochs=min(2, cfg.finetune_epochs - 1),
                         patience=cfg.patience or None, progress=cfg.progress,
-                        threads=cfg.threads, blr=2e-3, drop_path=0.1)
+                        threads=cfg.threads, lr=cfg.finetune_lr, smoothing=0.0,
+                        crop_min=cfg.crop_min, drop_path=0.1)
     return ProtocolConfig(labels=str(labels), out_dir=str(out), models=list(cfg.models),
                           init=str(init) if init else None, folds=cfg.folds,
                           test_size=cfg.test_size, seed=cfg.seed, n_boot=cfg.n_boot,

@@ -6,7 +6,7 @@ without one the pipeline is built with ``device_id=None`` and runs on the CPU. T
 plan, sharding, labels, augmentation and normalisation are those of
 :class:`~usfmae_fast.data.torch_loader.TorchImageLoader`:
 
-- pretrain / train: ``decoders.image_random_crop`` (area 0.2-1, aspect 3/4-4/3) -> resize to
+- pretrain / train: ``decoders.image_random_crop`` (area ``crop_scale``, default 0.2-1, aspect 3/4-4/3) -> resize to
   S x S (cubic, antialiased) -> optional rotation -> ``crop_mirror_normalize`` with a random
   horizontal flip (after the rotation, which in distribution is the same: the angles are
   symmetric);
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .image_files import ImageList, read_bytes, warn_bad
-from .torch_loader import RATIO, SCALE, EpochLoader, LoaderConfig, decode_image
+from .torch_loader import RATIO, EpochLoader, LoaderConfig, decode_image
 
 _DECODER_OPERATOR = "fn.decoders."  # how DALI names the operator in a decoding error
 
@@ -214,7 +214,7 @@ class DaliImageLoader(EpochLoader):
                                          dtype=types.UINT8, ndim=1)
             if cfg.train:
                 images = fn.decoders.image_random_crop(
-                    encoded, device=decoder, output_type=color, random_area=list(SCALE),
+                    encoded, device=decoder, output_type=color, random_area=list(cfg.crop_scale),
                     random_aspect_ratio=list(RATIO), num_attempts=10)
                 images = fn.resize(images, resize_x=size, resize_y=size,
                                    interp_type=types.INTERP_CUBIC, antialias=True)

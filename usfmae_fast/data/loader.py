@@ -15,7 +15,7 @@ import torch
 
 from .dali import DaliImageLoader, dali_available
 from .image_files import load_image_list
-from .torch_loader import US_MEAN, US_STD, EpochLoader, LoaderConfig, Stat, TorchImageLoader
+from .torch_loader import SCALE, US_MEAN, US_STD, EpochLoader, LoaderConfig, Stat, TorchImageLoader
 
 BACKENDS = ("auto", "dali", "torch")
 
@@ -42,7 +42,8 @@ def make_loader(source, kind: str = "pretrain", *, batch_size: int = 64, img_siz
                 device: str | torch.device | None = None, seed: int = 0,
                 rank: int | None = None, world_size: int | None = None, labels=None,
                 backend: str = "auto", workers: int | None = None, mean: Stat = US_MEAN,
-                std: Stat = US_STD, rotate: float = 0.0, check: str = "header") -> EpochLoader:
+                std: Stat = US_STD, rotate: float = 0.0, crop_scale=SCALE,
+                check: str = "header") -> EpochLoader:
     """An iterable of ``(images [B, channels, img_size, img_size] on device in dtype,
     labels [B] int64 | None)``; each pass over it is the next epoch (``set_epoch`` to choose).
 
@@ -62,7 +63,7 @@ def make_loader(source, kind: str = "pretrain", *, batch_size: int = 64, img_siz
                        dtype=dtype, device=device, seed=seed,
                        rank=default_rank if rank is None else rank,
                        world_size=default_world if world_size is None else world_size,
-                       mean=mean, std=std, rotate=rotate,
+                       mean=mean, std=std, rotate=rotate, crop_scale=tuple(crop_scale),
                        workers=max(1, min(8, os.cpu_count() or 1)) if workers is None else workers)
     if resolve_backend(backend, device) == "dali":
         try:

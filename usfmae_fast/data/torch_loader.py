@@ -1,6 +1,6 @@
 """PyTorch datasets and loader with fb/mae's pretraining augmentation.
 
-Train: RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as fb/mae
+Train: RandomResizedCrop (scale ``crop_scale``, default 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as fb/mae
 ``main_pretrain.py`` (+ an optional random rotation); eval: resize the short side + center crop.
 Both give float32 ``[C, H, W]`` tensors, scaled to [0, 1] and then normalised with
 ``(x - mean) / std``. Augmentation is seeded per (seed, epoch, index), so a run is reproducible
@@ -213,6 +213,7 @@ class LoaderConfig:
     mean: Stat = US_MEAN
     std: Stat = US_STD
     rotate: float = 0.0           # max random rotation in degrees (training kinds)
+    crop_scale: tuple[float, float] = SCALE  # random crop area range (training kinds)
     workers: int = 0              # DataLoader workers / DALI CPU threads
 
     def __post_init__(self):
@@ -222,6 +223,10 @@ class LoaderConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.img_size <= 0 or self.batch_size <= 0 or self.rotate < 0:
             raise ValueError("img_size and batch_size must be positive and rotate >= 0")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got "
+                             f"{self.crop_scale}")
         self.device = torch.device(self.device)
         self.mean = channel_values(self.mean, self.channels)
         self.std = channel_values(self.std, self.channels)
@@ -306,7 +311,8 @@ class TorchImageLoader(EpochLoader):
 
     def __init__(self, images: ImageList, cfg: LoaderConfig):
         super().__init__(images, cfg)
-        transform = (train_transform(cfg.img_size, cfg.mean, cfg.std, rotate=cfg.rotate)
+        transform = (train_transform(cfg.img_size, cfg.mean, cfg.std, scale=cfg.crop_scale,
+                                     rotate=cfg.rotate)
                      if cfg.train else eval_transform(cfg.img_size, cfg.mean, cfg.std))
         self._sampler = _PlanSampler(cfg, len(images))
         self._loader = DataLoader(

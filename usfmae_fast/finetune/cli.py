@@ -35,6 +35,7 @@ TRAIN_FLAGS = {
     "mean": (float, "normalisation mean (default: the pretraining run's, else 0.15)"),
     "std": (float, "normalisation std (default: the pretraining run's, else 0.20)"),
     "rotate": (float, "max random rotation in degrees while training (default: 0)"),
+    "crop_min": (float, "smallest random-crop area fraction while training (default: 0.2)"),
     "device": (str, "auto, cpu, cuda, cuda:N (default: auto)"),
     "workers": (int, "loader threads / processes"),
     "threads": (int, "torch CPU threads"),

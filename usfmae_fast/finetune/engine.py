@@ -75,6 +75,8 @@ class TrainConfig:
     mean: float | None = None         # normalisation override (default: see models.py)
     std: float | None = None
     rotate: float = 0.0               # max random rotation (degrees) in training
+    crop_min: float = 0.2             # RandomResizedCrop area (crop_min, 1); raise it when a
+                                      # small crop can miss the lesion that sets the label
     precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     backend: str = "auto"             # make_loader backend: auto | dali | torch
@@ -91,7 +93,7 @@ class TrainConfig:
             "warmup_epochs": self.warmup_epochs >= 0, "weight_decay": self.weight_decay >= 0,
             "layer_decay": 0 < self.layer_decay <= 1, "drop_path": 0 <= self.drop_path < 1,
             "smoothing": 0 <= self.smoothing < 1, "mixup": self.mixup >= 0,
-            "cutmix": self.cutmix >= 0, "imbalance": self.imbalance in IMBALANCE,
+            "cutmix": self.cutmix >= 0, "crop_min": 0 < self.crop_min <= 1, "imbalance": self.imbalance in IMBALANCE,
             "patience": self.patience is None or self.patience >= 1,
             "clip_grad": self.clip_grad is None or self.clip_grad > 0,
             "img_size": self.img_size >= 8, "in_chans": self.in_chans in (1, 3),
@@ -276,6 +278,7 @@ class _Training:
                                   img_size=cfg.img_size, channels=cfg.in_chans,
                                   device=self.device, seed=seed, rank=0, world_size=1,
                                   mean=self.built.mean, std=self.built.std, rotate=cfg.rotate,
+                                  crop_scale=(cfg.crop_min, 1.0),
                                   backend=cfg.backend, workers=cfg.workers)
         self.val_loader = make_eval_loader(val.to_image_list(), self.prep, cfg, self.device)
         self.val_labels = val.labels
