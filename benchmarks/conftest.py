@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import platform
 import statistics
-import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,7 +112,7 @@ def timed(benchmark, ceilings):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    from usfmae_fast.bench import git_commit
     try:
         import triton
         triton_version = triton.__version__
@@ -120,7 +120,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         triton_version = None
     machine_info.update(
         torch=torch.__version__, torch_cuda=torch.version.cuda, triton=triton_version,
-        git_commit=commit.strip(),
+        git_commit=git_commit(Path(__file__).resolve().parent.parent) or "",
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
         or "cpu", cpu_threads=torch.get_num_threads())
 

@@ -38,7 +38,8 @@ def find_suites_dir(suites_dir=None) -> Path:
         "--suites-dir")
 
 
-def _git_commit(repo: Path) -> str | None:
+def git_commit(repo) -> str | None:
+    """HEAD of the git checkout at ``repo``; None outside one."""
     try:
         return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -94,7 +95,7 @@ def run_bench(suites=None, out=None, *, suites_dir=None, select: str | None = No
             if progress:
                 print(f"bench: {suite}/{name} {status} in {seconds} s", flush=True)
     summary = _summarize(bench_dir, results, out)
-    provenance = {"commit": _git_commit(bench_dir.parent), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    provenance = {"commit": git_commit(bench_dir.parent), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                   "machine": env, "suites": runs, "summary": summary}
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2))

@@ -117,21 +117,23 @@ def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tup
     pixel mean / std (in [0, 1]) for the normalisation."""
     from PIL import Image
 
+    from .data.torch_loader import frame_stats
+
     with (ingest_dir / "manifest.csv").open(newline="") as f:
         frames = [str((ingest_dir / row["path"]).resolve()) for row in csv.DictReader(f)]
     paths = frames + list(dev_paths)
-    total = sq = count = 0.0
-    for path in paths:
+
+    def gray(path):
         with Image.open(path) as img:
-            pixels = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-        total, sq, count = total + pixels.sum(), sq + (pixels ** 2).sum(), count + pixels.size
-    mean = total / count
+            return np.asarray(img.convert("L"))
+
+    mean, std = frame_stats([gray(p) for p in paths])
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path"])
         writer.writerows([p] for p in paths)
     return out, {"real_frames": len(frames), "simulated_images": len(dev_paths),
-                 "mean": mean, "std": max(sq / count - mean * mean, 1e-12) ** 0.5}
+                 "mean": mean, "std": std}
 
 
 def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dict:
@@ -165,43 +167,25 @@ def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path)
                           title="USF-MAE demo: pretraining, fine-tuning, Score-CAM", train=train)
 
 
-def dev_and_test(protocol) -> tuple[list[str], list[str], list[str]]:
-    """The development and test image paths (and test labels) of the protocol's split, before
-    any model exists: the same read and split functions, arguments and seed as
-    :func:`usfmae_fast.finetune.protocol.prepare`."""
-    from .finetune.labels import read_labels
-    from .finetune.splits import holdout_split
-
-    data = read_labels(protocol.labels, protocol.classes, protocol.check)
-    dev, test = holdout_split(data.labels, data.groups, protocol.test_size, protocol.seed,
-                              data.classes)
-    return ([data.paths[i] for i in dev], [data.paths[i] for i in test],
-            [data.classes[data.labels[i]] for i in test])
-
-
-def scorecam_stage(cfg: DemoConfig, finetune_report: dict, finetune_dir: Path,
-                   test_paths: list[str], test_labels: list[str], out: Path) -> dict:
+def scorecam_stage(cfg: DemoConfig, finetune_report: dict, finetune_dir: Path, test,
+                   out: Path) -> dict:
     """Score-CAM of the MAE-initialised model's best fold (validation AUC) on the lesion images
-    of the test set."""
+    of the test set (a ``LabelledSet``)."""
     from .explain.run import explain_images
 
     name = "usfmae" if "usfmae" in finetune_report["models"] else next(iter(finetune_report["models"]))
     folds = finetune_report["models"][name]["cv"]["folds"]
     best = int(np.argmax([f["auc"] if f["auc"] is not None else -1 for f in folds]))
-    images = [p for p, c in zip(test_paths, test_labels) if c in LESION_CLASSES]
+    label_of = {p: test.classes[i] for p, i in zip(test.paths, test.labels)}
+    images = [p for p, c in label_of.items() if c in LESION_CLASSES]
     summary = explain_images(finetune_dir / name / f"fold{best}" / "best.safetensors", images,
-                             out, masks=cfg.masks, device="cpu" if cfg.threads else None)
+                             out, masks=cfg.masks)
     per_class = {}
     for c in LESION_CLASSES:
-        hits = [r["pointing_game"] for r, label in zip(summary["images"], test_labels_of(
-            summary, test_paths, test_labels)) if label == c and "pointing_game" in r]
+        hits = [r["pointing_game"] for r in summary["images"]
+                if label_of[r["image"]] == c and "pointing_game" in r]
         per_class[c] = float(np.mean(hits)) if hits else None
     return {**summary, "model_name": name, "fold": best, "pointing_game_per_class": per_class}
-
-
-def test_labels_of(summary: dict, paths: list[str], labels: list[str]) -> list[str]:
-    by_path = dict(zip(paths, labels))
-    return [by_path[r["image"]] for r in summary["images"]]
 
 
 def _rebased(figures: dict, folder: str) -> dict:
@@ -215,15 +199,13 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
     report = json.loads(json.dumps(finetune_report))
     for entry in report["models"].values():
         entry["figures"] = _rebased(entry.get("figures", {}), "finetune")
-    arte = pretrain["artefacts"]
+    titles = {"loss_curve": "pretraining loss", "reconstruction":
+              "reconstructions of held-out images (original / masked / reconstruction)"}
     report["figures"] = {
-        "pretraining loss": "pretrain/loss_curve.png",
-        "reconstructions of held-out images (original / masked / reconstruction)":
-            "pretrain/reconstruction.png",
+        **{title: f"pretrain/{Path(pretrain['artefacts'][key]).name}"
+           for key, title in titles.items() if key in pretrain["artefacts"]},
         f"Score-CAM of {cam['model_name']} fold {cam['fold']} on test lesions "
         "(mask outlines)": "scorecam/grid.png"}
-    report["figures"] = {k: v for k, v in report["figures"].items()
-                         if (k != "pretraining loss" or "loss_curve" in arte)}
     sim = {"simulated_images": sim_meta.get("images"),
            "simulated_subjects_per_class": sim_meta.get("subjects_per_class")}
     report["sections"] = [
@@ -269,7 +251,7 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
     """Run every stage into ``cfg.out_dir``; returns the report (also ``report.json``)."""
-    from .finetune.protocol import run_protocol
+    from .finetune.protocol import run_protocol, split_test_set
     from .finetune.report import write_report
 
     cfg = cfg or DemoConfig()
@@ -289,14 +271,14 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
 
     labels = select_subjects(Path(cfg.labels), cfg.subjects_per_class, out / "labels.csv")
     protocol = finetune_config(cfg, labels, None, out / "finetune")
-    dev_paths, test_paths, test_labels = dev_and_test(protocol)  # bad labels fail here, first
+    dev, test = split_test_set(protocol)  # the protocol's own split; bad labels fail here, first
     ingest = stage("ingest", ingest_stage, cfg, out / "ingest")
-    source, pre_stats = pretraining_images(out / "ingest", dev_paths, out / "pretrain_images.csv")
+    source, pre_stats = pretraining_images(out / "ingest", dev.paths, out / "pretrain_images.csv")
     pretrain = stage("pretrain", pretrain_stage, cfg, source, pre_stats, out / "pretrain")
     protocol = replace(protocol, init=pretrain["artefacts"]["weights"])
     finetune = stage("finetune", run_protocol, protocol)
-    cam = stage("scorecam", scorecam_stage, cfg, finetune, out / "finetune", test_paths,
-                test_labels, out / "scorecam")
+    cam = stage("scorecam", scorecam_stage, cfg, finetune, out / "finetune", test,
+                out / "scorecam")
     meta_path = Path(cfg.labels).parent / "metadata.json"
     sim_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     report = build_report(finetune, ingest, sim_meta, pre_stats, pretrain, cam, seconds)

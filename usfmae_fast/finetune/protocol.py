@@ -88,21 +88,28 @@ def prepare(cfg: ProtocolConfig) -> Plan:
     specs = [model_spec(name, cfg.init, cfg.weights) for name in cfg.models]
     if unused := sorted(set(cfg.weights) - {s.arch for s in specs} - set(cfg.models)):
         raise ValueError(f"weights: {unused} name no model of --models {cfg.models}")
-    data = read_labels(cfg.labels, cfg.classes, cfg.check)
-    test = None
-    if cfg.test_labels:
-        test = read_labels(cfg.test_labels, data.classes, cfg.check)
-        _check_independent(data, test)
-    elif cfg.test_size > 0:
-        dev_idx, test_idx = holdout_split(data.labels, data.groups, cfg.test_size, cfg.seed,
-                                          data.classes)
-        data, test = data.subset(dev_idx), data.subset(test_idx)
+    data, test = split_test_set(cfg)
     folds = kfold_splits(data.labels, data.groups, cfg.folds, cfg.seed, data.classes)
     t = cfg.train
     for spec in specs:  # a checkpoint or weights file that does not fit fails now
         build_classifier(spec, len(data.classes), img_size=t.img_size, in_chans=t.in_chans,
                          global_pool=t.global_pool, vit_size=t.vit_size, mean=t.mean, std=t.std)
     return Plan(data, test, folds, specs)
+
+
+def split_test_set(cfg: ProtocolConfig) -> tuple[LabelledSet, LabelledSet | None]:
+    """``(development set, test set or None)``: ``cfg.test_labels`` read as an independent set,
+    else ``cfg.test_size`` held out of ``cfg.labels`` (stratified, grouped by patient)."""
+    data = read_labels(cfg.labels, cfg.classes, cfg.check)
+    if cfg.test_labels:
+        test = read_labels(cfg.test_labels, data.classes, cfg.check)
+        _check_independent(data, test)
+        return data, test
+    if cfg.test_size > 0:
+        dev_idx, test_idx = holdout_split(data.labels, data.groups, cfg.test_size, cfg.seed,
+                                          data.classes)
+        return data.subset(dev_idx), data.subset(test_idx)
+    return data, None
 
 
 def _check_independent(dev: LabelledSet, test: LabelledSet) -> None:
