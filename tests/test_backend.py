@@ -33,12 +33,23 @@ def test_env_variable_selects_backend():
     assert result.stdout.strip() == "torch"
 
 
+def _calls(device):
+    """Arguments of one call of each op (as the public ops pass them to the backends)."""
+    x, qkv = torch.randn(2, 8, 4, device=device), torch.randn(2, 5, 3, 2, 8, device=device)
+    q = torch.randn(2, 2, 5, 8, device=device)
+    imgs, pred = torch.randn(2, 1, 4, 4, device=device), torch.randn(2, 4, 4, device=device)
+    return {"random_masking": (x, None, 2), "attention": (q, q, q, None),
+            "attention_packed": (qkv, None),
+            "mae_loss": (imgs, pred, torch.ones(2, 4, device=device), 2, False)}
+
+
 @requires_ext
 def test_auto_prefers_the_compiled_cpu_kernel(backend):
     backend("auto")
-    for op in ("random_masking", "mae_loss", "attention", "attention_packed"):
-        assert _backend.resolve(op, "cpu")[0] == "cpu", op
-        assert _backend.resolve(op, "meta")[0] == "torch", op
+    for op, args in _calls("cpu").items():
+        assert _backend.resolve(op, *args)[0] == "cpu", op
+    for op, args in _calls("meta").items():
+        assert _backend.resolve(op, *args)[0] == "torch", op
 
 
 def test_named_backend_on_the_wrong_device_is_an_error(backend):
@@ -49,11 +60,13 @@ def test_named_backend_on_the_wrong_device_is_an_error(backend):
 
 def test_backend_without_the_op_falls_back_with_a_warning(backend, monkeypatch):
     monkeypatch.setitem(_backend._REGISTRY, "only_torch", {})
+    monkeypatch.setitem(_backend._OPS, "only_torch", _backend.Op(
+        tuple, lambda x: ("cpu", x.dtype), lambda fn, spec, device: None, lambda device, dtype: []))
     _backend.register("only_torch", "torch", torch.neg, ("cpu",))
     backend("triton")
     _backend._warned.clear()
     with pytest.warns(UserWarning, match="backend 'triton' has no only_torch"):
-        name, fn = _backend.resolve("only_torch", "cpu")
+        name, fn = _backend.resolve("only_torch", torch.ones(2))
     assert (name, fn) == ("torch", torch.neg)
 
 

@@ -21,30 +21,10 @@ from torch import nn
 from . import ops
 from .models.mae import MaskedAutoencoderViT
 from .models.vit import Attention as OurAttention
-from .ops import _backend
-from .ops.attention import _CUDA_MAX_HEAD_DIM
-from .ops.triton import _utils as _triton_utils
 
-if _triton_utils.IMPORTED:
-    from .ops.triton.attention import MAX_HEAD_DIM as _TRITON_MAX_HEAD_DIM
-else:  # pragma: no cover - then no backend resolves to "triton"
-    _TRITON_MAX_HEAD_DIM = 0
-# what the Triton kernels take (ops/triton/_utils.check_dtype): the interpreter has no bfloat16
-_TRITON_DTYPES = (torch.float32, torch.float16) + (() if _triton_utils.INTERPRET
-                                                   else (torch.bfloat16,))
 # Children of the pre-1.0 timm Attention that fb/mae and many repos copy; a class with any other
 # child, a parameter or buffer of its own, or forward arguments besides x does something else.
 _OLD_TIMM_CHILDREN = {"qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop"}
-
-
-def _backend_takes(qkv: torch.Tensor) -> bool:
-    """Whether the attention_packed backend chosen for qkv's device takes its dtype and head dim."""
-    name, _ = _backend.resolve("attention_packed", qkv.device.type)
-    if name == "triton":
-        return qkv.dtype in _TRITON_DTYPES and qkv.shape[-1] <= _TRITON_MAX_HEAD_DIM
-    if name == "cuda":
-        return qkv.shape[-1] <= _CUDA_MAX_HEAD_DIM
-    return True  # "torch" (SDPA) and the C++ CPU kernels take every floating dtype and head dim
 
 
 def _is_identity(module) -> bool:
@@ -66,10 +46,10 @@ class _FastAttention:
             return super().forward(x, *args, **kwargs)
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1)
-        if not _backend_takes(qkv):
-            return super().forward(x, *args, **kwargs)
         # timm's SDPA path uses the default d ** -0.5 and its manual path self.scale: mirror it
         scale = None if getattr(self, "fused_attn", False) else getattr(self, "scale", None)
+        if ops.backend_refusal("attention_packed", qkv, scale) is not None:  # the set backend's limits
+            return super().forward(x, *args, **kwargs)
         out = ops.attention_packed(qkv, scale)
         if getattr(self, "norm", None) is not None:  # timm scale_norm (Identity by default)
             out = self.norm(out)

@@ -37,7 +37,7 @@ def _dali_status() -> str:
 
 def collect() -> dict:
     from . import __version__, ops
-    from .ops import _ext
+    from .ops import _ext, _trust
 
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
@@ -59,6 +59,8 @@ def collect() -> dict:
         "dali": _dali_status(),
         "backend": ops.get_backend(),
         "ops": ops.backend_status(),
+        "trust_checks": "on" if _trust.enabled() else f"off ({_trust.ENV}=0)",
+        "auto": _trust.auto_choices(),
     }
 
 
@@ -80,4 +82,13 @@ def render(report: dict) -> str:
     for op, row in report["ops"].items():
         lines.append(f"  {op}:")
         lines.extend(f"    {name:7s} {state}" for name, state in row.items())
+    lines.append(f"what runs per call (checks against ops/reference.py on first use: "
+                 f"{report['trust_checks']}):")
+    groups: dict[tuple, dict[str, list[str]]] = {}
+    for r in report["auto"]:
+        picks = groups.setdefault((r["device"], r["op"], r["dtype"]), {})
+        picks.setdefault(f"{r['backend']} ({r['checked']})", []).append(r["case"])
+    for (device, op, dtype), picks in groups.items():
+        lines.append(f"  {device} {op} {dtype}: " + "; ".join(
+            f"{pick} for {', '.join(cases)}" for pick, cases in picks.items()))
     return "\n".join(lines)

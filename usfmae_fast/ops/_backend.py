@@ -1,40 +1,73 @@
-"""Backend registry: which implementation of each op runs, chosen per call by device.
+"""Backend registry: which implementation of each op runs, chosen per call from its inputs.
 
 ``set_backend("auto" | "torch" | "cpu" | "cuda" | "triton")`` or ``USFMAE_BACKEND`` picks one for
-every op. "auto" takes, per device type, the first usable backend in ``AUTO_ORDER``. A named
-backend that an op does not implement falls back to "torch" with a warning (never silently).
+every op. Each backend says which inputs it takes (``takes``: why not, else None) and which it
+is fast on (``prefer``); each op describes a call by a *spec* (device type, dtypes and the shape
+class that picks a code path; see ``_specs.py``). "auto" takes, per call, the first backend in
+``AUTO_ORDER`` that runs here, takes the spec, prefers it and passed its check (``_trust``);
+"torch" (PyTorch itself) ends every chain. A named backend that cannot take an input, or whose
+check failed, falls back the same way with one warning (never silently).
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
+# The interpreter makes Triton on the CPU a test tool, never a choice of "auto".
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _anything(spec) -> None:
+    return None
+
+
+def _always(spec) -> bool:
+    return True
+
+
+def _here() -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class Impl:
     fn: Callable
     devices: tuple[str, ...]
-    unavailable: Callable[[], str | None]  # None when usable, otherwise the reason
+    unavailable: Callable[[], str | None]  # None when usable on this machine, else the reason
+    takes: Callable[[tuple], str | None]   # None when it runs this spec correctly, else why not
+    prefer: Callable[[tuple], bool]        # whether "auto" should pick it for this spec
+
+
+@dataclass(frozen=True)
+class Op:
+    spec: type                      # a NamedTuple: device type, dtypes, shape class
+    describe: Callable[..., tuple]  # the op's (checked) arguments -> its spec
+    check: Callable                 # check(fn, spec, device): raises when fn disagrees with reference
+    examples: Callable              # examples(device_type, dtype) -> the specs a selftest checks
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
-_warned: set[tuple[str, str]] = set()
+_OPS: dict[str, Op] = {}
+_warned: set[tuple] = set()
 
 
-def _always() -> None:
-    return None
+def define(op: str, spec: type, describe: Callable[..., tuple], check: Callable,
+           examples: Callable) -> None:
+    """Declare ``op``: how a call is described, how a backend of it is checked, on what."""
+    _OPS[op] = Op(spec, describe, check, examples)
 
 
 def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...],
-             unavailable: Callable[[], str | None] = _always) -> None:
+             unavailable: Callable[[], str | None] = _here,
+             takes: Callable[[tuple], str | None] = _anything,
+             prefer: Callable[[tuple], bool] = _always) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, devices, unavailable)
+    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, devices, unavailable, takes, prefer)
 
 
 def _validate(name: str, source: str) -> str:
@@ -47,7 +80,7 @@ _current = _validate(os.environ.get("USFMAE_BACKEND", "auto"), "USFMAE_BACKEND")
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for every op ("auto" = fastest usable per device)."""
+    """Choose the backend for every op ("auto" = fastest usable and checked per call)."""
     global _current
     _current = _validate(name, "backend")
 
@@ -56,32 +89,72 @@ def get_backend() -> str:
     return _current
 
 
-def _usable(impl: Impl | None, device_type: str) -> bool:
-    return impl is not None and device_type in impl.devices and impl.unavailable() is None
+def _warn_once(key: tuple, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
-def resolve(op: str, device_type: str) -> tuple[str, Callable]:
-    """The (backend name, function) that runs ``op`` on tensors of ``device_type``."""
-    impls = _REGISTRY[op]
+def _order(device_type: str) -> tuple[str, ...]:
+    order = AUTO_ORDER.get(device_type, ("torch",))
     if _current == "auto":
-        for name in AUTO_ORDER.get(device_type, ("torch",)):
-            if _usable(impls.get(name), device_type):
-                return name, impls[name].fn
-        return "torch", impls["torch"].fn
-    impl = impls.get(_current)
+        return order
+    return (_current,) + (order[order.index(_current) + 1:] if _current in order else ("torch",))
+
+
+def plan(op: str, spec, checked: Callable[[str, str, tuple], bool | None]) -> str:
+    """The backend that runs ``spec``. "auto": the first in ``AUTO_ORDER`` that runs here, takes
+    and prefers the spec and passed its check. A named backend runs whatever it is given (its
+    own errors name what it cannot take) unless its check failed; then the ones after it in
+    ``AUTO_ORDER`` are tried the same way. ``checked(op, backend, spec)`` says whether a
+    backend passed (True), failed (False) or is not checked (None); it may run the check."""
+    impls = _REGISTRY[op]
+    for name in _order(spec[0]):
+        impl = impls.get(name)
+        if name == "torch":
+            return name
+        if impl is None or spec[0] not in impl.devices or impl.unavailable() is not None:
+            continue
+        if name == _current and impl.takes(spec) is not None:
+            return name
+        if name != _current and (impl.takes(spec) is not None or not impl.prefer(spec)):
+            continue
+        if checked(op, name, spec) is not False:
+            return name
+    return "torch"
+
+
+def resolve(op: str, *args) -> tuple[str, Callable]:
+    """The (backend name, function) that runs ``op`` on these (already checked) arguments."""
+    from . import _trust  # _trust imports this module
+
+    spec = _OPS[op].describe(*args)
+    if _current != "auto":
+        _check_named(op, spec)
+    name = plan(op, spec, functools.partial(_trust.trusted, device=args[0].device))
+    return name, _REGISTRY[op][name].fn
+
+
+def why_not(op: str, *args) -> str | None:
+    """Why the backend set for ``op`` would not take these arguments (None: it would, or it is
+    "auto", which only picks backends that take them)."""
+    impl = _REGISTRY[op].get(_current)
+    if _current == "auto" or impl is None:
+        return None
+    return impl.takes(_OPS[op].describe(*args))
+
+
+def _check_named(op: str, spec) -> None:
+    impl = _REGISTRY[op].get(_current)
     if impl is None:
-        if (op, _current) not in _warned:
-            _warned.add((op, _current))
-            warnings.warn(f"backend {_current!r} has no {op} yet; using 'torch' for it",
-                          stacklevel=3)
-        return "torch", impls["torch"].fn
-    if device_type not in impl.devices:
+        _warn_once((op, _current), f"backend {_current!r} has no {op} yet; using 'torch' for it")
+        return
+    if spec[0] not in impl.devices:
         raise ValueError(f"backend {_current!r} runs {op} on {'/'.join(impl.devices)} tensors, "
-                         f"got tensors on {device_type}")
+                         f"got tensors on {spec[0]}")
     reason = impl.unavailable()
     if reason is not None:
         raise RuntimeError(f"backend {_current!r} cannot run {op}: {reason}")
-    return _current, impl.fn
 
 
 def status() -> dict[str, dict[str, str]]:

@@ -8,13 +8,20 @@ is what a ViT has); other shapes run SDPA with a warning.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _checks, _ext, reference
+from . import _backend, _checks, _ext, _kernel_checks, reference
 from .triton import _utils as _triton_utils
+
+for _op, _describe, _packed in (("attention", _kernel_checks.describe_attention, False),
+                                ("attention_packed", _kernel_checks.describe_attention_packed, True)):
+    _backend.define(_op, _kernel_checks.AttentionSpec, _describe,
+                    functools.partial(_kernel_checks.check_attention, packed=_packed),
+                    _kernel_checks.attention_examples)
 
 
 def _sdpa(q, k, v, scale):
@@ -27,14 +34,49 @@ def _sdpa_packed(qkv, scale):
 
 _backend.register("attention", "torch", _sdpa, ("cpu", "cuda"))
 _backend.register("attention_packed", "torch", _sdpa_packed, ("cpu", "cuda"))
+# The CUDA kernels' CUDA-core path keeps d / 32 values per lane (csrc/cuda/attention_simple.cuh);
+# their tensor-core path (mma.sync m16n8k16) takes fp16 / bf16 at these head dims.
+_CUDA_MAX_HEAD_DIM = 128
+_CUDA_TENSOR_CORE_HEAD_DIMS = (32, 64, 128)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_takes(spec) -> str | None:
+    if spec.dtype not in _TRITON_DTYPES:
+        return f"the triton backend takes {', '.join(map(str, _TRITON_DTYPES))}"
+    if _triton_utils.INTERPRET and spec.dtype == torch.bfloat16:
+        return "the Triton interpreter has no bfloat16"
+    if max(spec.d_qk, spec.d_v) > _triton_attention.MAX_HEAD_DIM:
+        return f"the triton backend takes head_dim <= {_triton_attention.MAX_HEAD_DIM}"
+    return None
+
+
+def _triton_prefer(spec) -> bool:
+    # fp32 tiles spill registers on sm_90 (every config): SDPA is faster there
+    return spec.dtype in _LOW_PRECISION
+
+
+def _compiled_takes(spec) -> str | None:
+    if not spec.same_shape:
+        return "the compiled attention kernels take k and v shaped like q"
+    if spec.device == "cuda" and spec.d_qk > _CUDA_MAX_HEAD_DIM:
+        return f"the cuda backend takes head_dim <= {_CUDA_MAX_HEAD_DIM}"
+    return None
+
+
+def _compiled_prefer(spec) -> bool:
+    # on a GPU only where the tensor-core path runs; its CUDA-core path loses to SDPA / Triton
+    return spec.device != "cuda" or (spec.dtype in _LOW_PRECISION
+                                     and spec.d_qk in _CUDA_TENSOR_CORE_HEAD_DIMS)
+
+
 if _triton_utils.IMPORTED:
     from .triton import attention as _triton_attention
-    _triton_utils.register("attention", _triton_attention.attention)
-    _triton_utils.register("attention_packed", _triton_attention.attention_packed)
-
-
-# The CUDA kernels' CUDA-core path keeps d / 32 values per lane (csrc/cuda/attention_simple.cuh).
-_CUDA_MAX_HEAD_DIM = 128
+    for _op, _fn in (("attention", _triton_attention.attention),
+                     ("attention_packed", _triton_attention.attention_packed)):
+        _backend.register(_op, "triton", _fn, _triton_utils.DEVICES, _triton_utils.unavailable,
+                          _triton_takes, _triton_prefer)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -109,9 +151,11 @@ def _register_compiled() -> None:
     for key in ("CPU", "CUDA"):
         backend = key.lower()
         _backend.register("attention", backend, compiled, (backend,),
-                          _ext.compiled_unavailable("attention_fwd", key))
+                          _ext.compiled_unavailable("attention_fwd", key), _compiled_takes,
+                          _compiled_prefer)
         _backend.register("attention_packed", backend, compiled_packed, (backend,),
-                          _ext.compiled_unavailable("attention_packed_fwd", key))
+                          _ext.compiled_unavailable("attention_packed_fwd", key), _compiled_takes,
+                          _compiled_prefer)
 
 
 def _default_scale(t: torch.Tensor, scale: float | None) -> float:
@@ -140,8 +184,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _checks.shape("v", v, (b, h, k.shape[2], v.shape[3]), "[B, H, N, d]")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _, fn = _backend.resolve("attention", q.device.type)
-    return fn(q, k, v, _scale(scale))
+    scale = _scale(scale)
+    _, fn = _backend.resolve("attention", q, k, v, scale)
+    return fn(q, k, v, scale)
 
 
 def attention_packed(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -149,5 +194,6 @@ def attention_packed(qkv: torch.Tensor, scale: float | None = None) -> torch.Ten
     _checks.tensor("qkv", qkv, 5, "[B, N, 3, H, d]")
     if qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape [B, N, 3, H, d], got {tuple(qkv.shape)}")
-    _, fn = _backend.resolve("attention_packed", qkv.device.type)
-    return fn(qkv, _scale(scale))
+    scale = _scale(scale)
+    _, fn = _backend.resolve("attention_packed", qkv, scale)
+    return fn(qkv, scale)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _ext, reference
+from . import _backend, _checks, _ext, _kernel_checks, reference
 from .triton import _utils as _triton
+
+_backend.define("mae_loss", _kernel_checks.LossSpec, _kernel_checks.describe_loss,
+                _kernel_checks.check_loss, _kernel_checks.loss_examples)
 
 
 def _loss_dtype(imgs, pred, mask):
@@ -139,7 +142,16 @@ if _triton.IMPORTED:
 
     _mae_loss_triton_op.register_fake(_fused_fake)
     _mae_loss_triton_op.register_autograd(_fused_backward, setup_context=_setup_fused_context)
-    _triton.register("mae_loss", _fused_loss(_mae_loss_triton_op))
+    def _triton_takes(spec) -> str | None:
+        dtypes = (spec.imgs, spec.pred, spec.mask)
+        if any(d not in _triton_mae_loss._DTYPES for d in dtypes):
+            return f"the triton backend takes {', '.join(map(str, _triton_mae_loss._DTYPES))}"
+        if _triton.INTERPRET and torch.bfloat16 in dtypes:
+            return "the Triton interpreter has no bfloat16"
+        return None
+
+    _backend.register("mae_loss", "triton", _fused_loss(_mae_loss_triton_op), _triton.DEVICES,
+                      _triton.unavailable, _triton_takes)
 
 _COMPILED = "usfmae::mae_loss_fused"
 if _ext.has_kernel("mae_loss_fused", "CPU") or _ext.has_kernel("mae_loss_fused", "CUDA"):
@@ -158,5 +170,5 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
     """Mean squared error of ``pred [N, L, p*p*C]`` against the patchified ``imgs [N, C, H, W]``
     on the removed patches (``mask`` 1), per-patch normalised when ``norm_pix_loss``."""
     p = _check_inputs(imgs, pred, mask, patch_size)
-    _, fn = _backend.resolve("mae_loss", pred.device.type)
+    _, fn = _backend.resolve("mae_loss", imgs, pred, mask, p, bool(norm_pix_loss))
     return fn(imgs, pred, mask, p, bool(norm_pix_loss))

@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _ext, reference
+from . import _backend, _checks, _ext, _kernel_checks, reference
 from .triton import _utils as _triton
+
+_backend.define("random_masking", _kernel_checks.MaskingSpec, _kernel_checks.describe_masking,
+                _kernel_checks.check_masking, _kernel_checks.masking_examples)
+# csrc/cuda/random_masking_cuda.cu ranks a row in shared memory: kMaxLength
+_CUDA_MAX_LENGTH = 4096
+
+
+def _cuda_takes(spec) -> str | None:
+    if spec.length > _CUDA_MAX_LENGTH:
+        return f"the cuda kernel takes L <= {_CUDA_MAX_LENGTH}"
+    return None
 
 
 def _check_inputs(x, noise) -> None:
@@ -70,7 +81,7 @@ _backend.register("random_masking", "torch", _draws_noise(reference.mask_by_nois
 _backend.register("random_masking", "cpu", _draws_noise(_masking_compiled), ("cpu",),
                   _ext.compiled_unavailable("random_masking", "CPU"))
 _backend.register("random_masking", "cuda", _draws_noise(_masking_compiled), ("cuda",),
-                  _ext.compiled_unavailable("random_masking", "CUDA"))
+                  _ext.compiled_unavailable("random_masking", "CUDA"), _cuda_takes)
 
 
 if _triton.IMPORTED:
@@ -124,5 +135,6 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     """
     _check_inputs(x, noise)
     ratio = _checks.mask_ratio(mask_ratio)
-    _, fn = _backend.resolve("random_masking", x.device.type)
-    return fn(x, noise, reference.num_kept(x.shape[1], ratio))
+    num_keep = reference.num_kept(x.shape[1], ratio)
+    _, fn = _backend.resolve("random_masking", x, noise, num_keep)
+    return fn(x, noise, num_keep)
