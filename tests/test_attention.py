@@ -1,4 +1,5 @@
 """attention and attention_packed: every usable backend against ops/reference.py."""
+import os
 import random
 
 import pytest
@@ -9,6 +10,7 @@ from usfmae_fast import ops
 from usfmae_fast.ops import reference
 from usfmae_fast.ops.triton import _utils as triton_utils
 
+FUZZ_CASES = int(os.environ.get("USFMAE_FUZZ_CASES", "200"))  # gpu_check.py shortens the fuzz
 CPU_BACKENDS = usable_backends("attention_packed", "cpu")
 SEQ_LENS = (1, 49, 50, 97, 197, 200)
 # The Triton kernels run on the GPU when there is one, otherwise in Triton's interpreter on CPU.
@@ -144,7 +146,7 @@ def test_triton_fuzz_200_cases(backend):
     backend("triton")
     rng = random.Random(0)
     torch.manual_seed(0)
-    for _ in range(200):
+    for _ in range(FUZZ_CASES):
         fn, ref, inputs, dtype, case = _fuzz_case(rng)
         out_shape = ref(*inputs).shape
         grad = torch.randn(out_shape, device=TRITON_DEVICE)

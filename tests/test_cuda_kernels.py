@@ -6,6 +6,7 @@ at most twice the error of PyTorch's own run in the same dtype. Every test is sk
 CUDA device or without the op's CUDA kernel.
 """
 import math
+import os
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import requires_cuda
 from usfmae_fast.ops import _ext, reference
 
 DEVICE = "cuda"
-FUZZ_CASES = 200
+FUZZ_CASES = int(os.environ.get("USFMAE_FUZZ_CASES", "200"))  # gpu_check.py shortens the fuzz
 SEQ_LENS = (1, 49, 50, 97, 197, 200)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -1,4 +1,5 @@
 """mae_loss: every usable backend against ops/reference.py, forward and backward."""
+import os
 import random
 
 import pytest
@@ -9,6 +10,7 @@ from usfmae_fast import ops
 from usfmae_fast.ops import reference
 from usfmae_fast.ops.triton import _utils as triton_utils
 
+FUZZ_CASES = int(os.environ.get("USFMAE_FUZZ_CASES", "200"))  # gpu_check.py shortens the fuzz
 CPU_BACKENDS = usable_backends("mae_loss", "cpu")
 requires_triton = pytest.mark.skipif(triton_utils.unavailable() is not None,
                                      reason=f"triton cannot run: {triton_utils.unavailable()}")
@@ -61,7 +63,7 @@ def test_fuzz_200_cases(backend, backend_name):
     """Random shapes, fp32 or fp16 predictions; the reference runs in fp32 on the same values."""
     backend(backend_name)
     rng = random.Random(1)
-    for _ in range(200):
+    for _ in range(FUZZ_CASES):
         p = rng.choice((1, 2, 3, 4, 8))
         dims = (rng.randint(1, 5), rng.choice((1, 3)), p * rng.randint(1, 6), p * rng.randint(1, 6))
         dtype = rng.choice((torch.float32, torch.float16))

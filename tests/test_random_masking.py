@@ -1,4 +1,5 @@
 """random_masking: every usable backend against ops/reference.py, forward and backward."""
+import os
 import random
 
 import pytest
@@ -9,6 +10,7 @@ from usfmae_fast import ops
 from usfmae_fast.ops import reference
 from usfmae_fast.ops.triton import _utils as triton_utils
 
+FUZZ_CASES = int(os.environ.get("USFMAE_FUZZ_CASES", "200"))  # gpu_check.py shortens the fuzz
 CPU_BACKENDS = usable_backends("random_masking", "cpu")
 requires_triton = pytest.mark.skipif(triton_utils.unavailable() is not None,
                                      reason=f"triton cannot run: {triton_utils.unavailable()}")
@@ -44,7 +46,7 @@ def test_matches_reference(backend, backend_name, length, dtype):
 def test_fuzz_200_cases(backend, backend_name):
     backend(backend_name)
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(FUZZ_CASES):
         n, length, dim = rng.randint(1, 5), rng.randint(1, 100), rng.randint(1, 70)
         dtype = rng.choice((torch.float32, torch.float16, torch.bfloat16))
         noise_dtype = rng.choice((torch.float32, torch.float64, torch.float16))
