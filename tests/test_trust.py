@@ -116,6 +116,8 @@ def test_selftest_fails_on_a_wrong_kernel(monkeypatch, capsys, op):
 def test_checks_can_be_turned_off(monkeypatch):
     _inject(monkeypatch, "attention_packed", BROKEN["attention_packed"])
     monkeypatch.setenv(_trust.ENV, "0")
+    assert not _trust._env_enabled()
+    monkeypatch.setattr(_trust, "_ENABLED", False)  # what the variable set at import gives
     run, expected = _call("attention_packed")
     out = _no_check_warning(run)
     assert not torch.allclose(out, expected()) and not _trust.verdicts()

@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 # The interpreter makes Triton on the CPU a test tool, never a choice of "auto".
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -68,6 +70,7 @@ def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...],
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = Impl(fn, devices, unavailable, takes, prefer)
+    _CHOICES.clear()
 
 
 def _validate(name: str, source: str) -> str:
@@ -83,6 +86,7 @@ def set_backend(name: str) -> None:
     """Choose the backend for every op ("auto" = fastest usable and checked per call)."""
     global _current
     _current = _validate(name, "backend")
+    _CHOICES.clear()
 
 
 def get_backend() -> str:
@@ -126,13 +130,29 @@ def plan(op: str, spec, checked: Callable[[str, str, tuple], bool | None]) -> st
 
 def resolve(op: str, *args) -> tuple[str, Callable]:
     """The (backend name, function) that runs ``op`` on these (already checked) arguments."""
-    from . import _trust  # _trust imports this module
-
     spec = _OPS[op].describe(*args)
     if _current != "auto":
         _check_named(op, spec)
-    name = plan(op, spec, functools.partial(_trust.trusted, device=args[0].device))
+    if torch.compiler.is_compiling():  # traced once; the verdicts become constants of the graph
+        return _choose(op, spec, args[0].device)
+    key = (op, _current, spec, args[0].get_device(), _trust_enabled())
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _choose(op, spec, args[0].device)
+    return choice
+
+
+def _choose(op: str, spec, device) -> tuple[str, Callable]:
+    name = plan(op, spec, functools.partial(_trusted, device=device))
     return name, _REGISTRY[op][name].fn
+
+
+# Set by _trust (which imports this module): _trusted(op, backend, spec, device) -> bool | None.
+_trusted: Callable
+_trust_enabled: Callable[[], bool]
+# The choice per (op, backend setting, spec, device index, checks on): plan() costs tens of
+# microseconds a call, a dict lookup one. Cleared whenever a setting or a verdict changes.
+_CHOICES: dict[tuple, tuple[str, Callable]] = {}
 
 
 def why_not(op: str, *args) -> str | None:

@@ -20,6 +20,10 @@ from . import reference
 _FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-5, torch.bfloat16: 1e-4}
 
 
+# On a GPU the check's input is big enough to fill the device: the Triton autotuner keeps the
+# config it picks on the first input of a key, and that is the check's.
+
+
 class AttentionSpec(NamedTuple):
     device: str
     dtype: torch.dtype
@@ -70,23 +74,32 @@ def _bucket_length(bucket: int) -> int:
     return 3 * bucket // 4 + 5
 
 
+# The describe_* functions run on every call: a few microseconds (is_cuda is cheaper than
+# .device); int() turns a traced symbolic size into the constant the spec needs.
+def _device_type(t: torch.Tensor) -> str:
+    return "cuda" if t.is_cuda else t.device.type
+
+
 def describe_attention(q, k, v, scale=None) -> AttentionSpec:
-    return AttentionSpec(q.device.type, q.dtype, seq_bucket(q.shape[2]), seq_bucket(k.shape[2]),
-                         int(q.shape[3]), int(v.shape[3]), q.shape == k.shape == v.shape)
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    return AttentionSpec(_device_type(q), q.dtype, seq_bucket(q_shape[2]), seq_bucket(k_shape[2]),
+                         int(q_shape[3]), int(v_shape[3]), q_shape == k_shape == v_shape)
 
 
 def describe_attention_packed(qkv, scale=None) -> AttentionSpec:
-    n, d = seq_bucket(qkv.shape[1]), int(qkv.shape[4])
-    return AttentionSpec(qkv.device.type, qkv.dtype, n, n, d, d, True)
+    shape = qkv.shape
+    n, d = seq_bucket(shape[1]), int(shape[4])
+    return AttentionSpec(_device_type(qkv), qkv.dtype, n, n, d, d, True)
 
 
 def describe_masking(x, noise, num_keep) -> MaskingSpec:
-    return MaskingSpec(x.device.type, x.dtype, None if noise is None else noise.dtype,
-                       int(x.shape[1]), int(x.shape[2]))
+    shape = x.shape
+    return MaskingSpec(_device_type(x), x.dtype, None if noise is None else noise.dtype,
+                       int(shape[1]), int(shape[2]))
 
 
 def describe_loss(imgs, pred, mask, patch_size, norm_pix_loss) -> LossSpec:
-    return LossSpec(pred.device.type, imgs.dtype, pred.dtype, mask.dtype, int(imgs.shape[1]),
+    return LossSpec(_device_type(pred), imgs.dtype, pred.dtype, mask.dtype, int(imgs.shape[1]),
                     int(patch_size), bool(norm_pix_loss),
                     bool(pred.requires_grad and torch.is_grad_enabled()))
 
@@ -138,23 +151,24 @@ def check_attention(fn, spec: AttentionSpec, device, *, packed: bool) -> None:
     n_q = _bucket_length(spec.n_q)
     n_kv = n_q if spec.same_shape else _bucket_length(spec.n_kv) - 2  # a length of its own
     scale = 0.7 * spec.d_qk ** -0.5
+    b, h = (8, 12) if device.type == "cuda" else (2, 2)
     if packed:
-        qkv = _randn((2, n_q, 3, 2, spec.d_qk), spec.dtype, device, gen)
-        upstream = _randn((2, n_q, 2 * spec.d_v), torch.float32, device, gen)
+        qkv = _randn((b, n_q, 3, h, spec.d_qk), spec.dtype, device, gen)
+        upstream = _randn((b, n_q, h * spec.d_v), torch.float32, device, gen)
         _compare(lambda t: fn(t, scale), lambda t: reference.attention_packed(t, scale), [qkv],
                  [0], upstream, ["out", "grad_qkv"], spec.dtype)
         return
-    q = _randn((2, 2, n_q, spec.d_qk), spec.dtype, device, gen)
-    k = _randn((2, 2, n_kv, spec.d_qk), spec.dtype, device, gen)
-    v = _randn((2, 2, n_kv, spec.d_qk if spec.same_shape else spec.d_v), spec.dtype, device, gen)
-    upstream = _randn((2, 2, n_q, spec.d_v), torch.float32, device, gen)
+    q = _randn((b, h, n_q, spec.d_qk), spec.dtype, device, gen)
+    k = _randn((b, h, n_kv, spec.d_qk), spec.dtype, device, gen)
+    v = _randn((b, h, n_kv, spec.d_qk if spec.same_shape else spec.d_v), spec.dtype, device, gen)
+    upstream = _randn((b, h, n_q, spec.d_v), torch.float32, device, gen)
     _compare(lambda *t: fn(*t, scale), lambda *t: reference.attention(*t, scale), [q, k, v],
              [0, 1, 2], upstream, ["out", "grad_q", "grad_k", "grad_v"], spec.dtype)
 
 
 def check_masking(fn, spec: MaskingSpec, device) -> None:
     gen = torch.Generator().manual_seed(0)
-    rows, num_keep = 4, max(spec.length // 4, 1)
+    rows, num_keep = 64 if device.type == "cuda" else 4, max(spec.length // 4, 1)
     x = _randn((rows, spec.length, spec.dim), spec.dtype, device, gen)
     upstream = _randn((rows, num_keep, spec.dim), spec.dtype, device, gen)
     if spec.noise is not None:
@@ -188,9 +202,11 @@ def check_masking(fn, spec: MaskingSpec, device) -> None:
 def check_loss(fn, spec: LossSpec, device) -> None:
     gen = torch.Generator().manual_seed(0)
     p, c = spec.patch, spec.channels
-    imgs = _randn((2, c, 2 * p, 3 * p), spec.imgs, device, gen)
-    pred = _randn((2, 6, p * p * c), spec.pred, device, gen)
-    mask = (torch.arange(12).reshape(2, 6) % 3 != 0).to(device, spec.mask)
+    n, grid = (32, (8, 8)) if device.type == "cuda" else (2, (2, 3))
+    length = grid[0] * grid[1]
+    imgs = _randn((n, c, grid[0] * p, grid[1] * p), spec.imgs, device, gen)
+    pred = _randn((n, length, p * p * c), spec.pred, device, gen)
+    mask = (torch.arange(n * length).reshape(n, length) % 3 != 0).to(device, spec.mask)
     upstream = torch.tensor(0.37, device=device)  # not 1: a backward must scale by it
     dtype = torch.promote_types(spec.pred, spec.imgs)
     _compare(lambda t: fn(imgs, t, mask, p, spec.norm),

@@ -11,6 +11,7 @@ already). ``selftest()`` runs every check this machine offers (``usfmae-fast sel
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -38,15 +39,27 @@ class Verdict:
 _VERDICTS: dict[tuple, Verdict] = {}
 
 
-def enabled() -> bool:
+def _env_enabled() -> bool:
     return os.environ.get(ENV, "1").lower() not in ("0", "false", "no", "off")
+
+
+_ENABLED = _env_enabled()  # read once, like USFMAE_BACKEND: every op call asks
+
+
+def enabled() -> bool:
+    return _ENABLED
 
 
 def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return _cuda_name(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
 
 
 def _key(op: str, backend: str, spec: tuple, device: torch.device) -> tuple:
@@ -74,6 +87,7 @@ def verdict(op: str, backend: str, spec: tuple, device: torch.device, *,
     key = _key(op, backend, spec, device)
     if fresh or key not in _VERDICTS:
         _VERDICTS[key] = result = _check(op, backend, spec, device)
+        _backend._CHOICES.clear()
         if not result.passed:
             warnings.warn(
                 f"usfmae_fast: the {backend!r} kernel of {op} failed its check against "
@@ -99,6 +113,9 @@ def trusted(op: str, backend: str, spec: tuple, device: torch.device) -> bool | 
     return _passed(op, backend, tuple(spec), device.type, device.index)
 
 
+_backend._trusted, _backend._trust_enabled = trusted, enabled
+
+
 def _dtype_of(spec: tuple) -> str:
     return str(spec[1]).replace("torch.", "")
 
@@ -115,6 +132,7 @@ def verdicts() -> dict[tuple, Verdict]:
 def reset() -> None:
     """Forget every verdict (tests; a process that changed its kernels)."""
     _VERDICTS.clear()
+    _backend._CHOICES.clear()
 
 
 def state(op: str, backend: str, spec: tuple, device: torch.device) -> str:
