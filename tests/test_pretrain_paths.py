@@ -23,7 +23,6 @@ pytest.importorskip("pydicom.data")
 
 from test_pretrain import (TINY, child_env, decode_the_dicoms_once,  # noqa: E402,F401
                            final_weights, tiny_config)
-from usfmae_fast import ops  # noqa: E402
 from usfmae_fast.train.distributed import DistContext  # noqa: E402
 from usfmae_fast.train.engine import PretrainEngine  # noqa: E402
 from usfmae_fast.train.monitor import read_history  # noqa: E402
@@ -87,18 +86,8 @@ def test_bf16_autocast_matches_fp32(fp32_run, bf16_run):
     np.testing.assert_allclose(losses(rows), losses(fp32_run[1]), rtol=LOW_PRECISION_RTOL)
 
 
-def _fused_loss_runs_auto() -> bool:
-    return ops.backend_status()["mae_loss"]["cpu"].startswith("ok")
-
-
-@pytest.mark.parametrize("ops_backend", [
-    "torch",
-    pytest.param("auto", marks=pytest.mark.xfail(
-        _fused_loss_runs_auto(), strict=True, raises=AssertionError,
-        reason="ops/mae_loss.py: the fused loss keeps its gradient for an upstream gradient of "
-               "1 in pred's dtype and multiplies it by the incoming one in fp16, so the "
-               "GradScaler's 65536 (> fp16's 65504) turns into inf * 0 = NaN on the kept "
-               "patches, and a real batch's gradients underflow before the scale arrives"))])
+# "auto" runs the fused loss (cpu backend): its gradient must survive the GradScaler's 65536
+@pytest.mark.parametrize("ops_backend", ["torch", "auto"])
 def test_fp16_autocast_with_grad_scaler_matches_fp32(fp32_run, tmp_path, ops_backend):
     engine, rows, dtypes = train(tmp_path, system__precision="fp16",
                                  system__ops_backend=ops_backend)

@@ -11,6 +11,7 @@ nothing here touches the caller's random state.
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -65,8 +66,14 @@ class LossSpec(NamedTuple):
         return f"C={self.channels} p={self.patch}" + (" norm" if self.norm else "")
 
 
-def seq_bucket(n: int) -> int:
-    return max(64, 1 << (int(n) - 1).bit_length())
+def _static(n) -> int:
+    """A size as an int: under torch.compile with dynamic shapes, index() specializes a symbolic
+    size (with a guard), so the spec is a constant and the kernel that runs was checked."""
+    return operator.index(n)
+
+
+def seq_bucket(n) -> int:
+    return max(64, 1 << (_static(n) - 1).bit_length())
 
 
 def _bucket_length(bucket: int) -> int:
@@ -75,31 +82,32 @@ def _bucket_length(bucket: int) -> int:
 
 
 # The describe_* functions run on every call: a few microseconds (is_cuda is cheaper than
-# .device); int() turns a traced symbolic size into the constant the spec needs.
+# .device).
 def _device_type(t: torch.Tensor) -> str:
     return "cuda" if t.is_cuda else t.device.type
 
 
 def describe_attention(q, k, v, scale=None) -> AttentionSpec:
     q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    same_shape = True if q_shape == k_shape == v_shape else False  # a guard, not a SymBool
     return AttentionSpec(_device_type(q), q.dtype, seq_bucket(q_shape[2]), seq_bucket(k_shape[2]),
-                         int(q_shape[3]), int(v_shape[3]), q_shape == k_shape == v_shape)
+                         _static(q_shape[3]), _static(v_shape[3]), same_shape)
 
 
 def describe_attention_packed(qkv, scale=None) -> AttentionSpec:
     shape = qkv.shape
-    n, d = seq_bucket(shape[1]), int(shape[4])
+    n, d = seq_bucket(shape[1]), _static(shape[4])
     return AttentionSpec(_device_type(qkv), qkv.dtype, n, n, d, d, True)
 
 
 def describe_masking(x, noise, num_keep) -> MaskingSpec:
     shape = x.shape
     return MaskingSpec(_device_type(x), x.dtype, None if noise is None else noise.dtype,
-                       int(shape[1]), int(shape[2]))
+                       _static(shape[1]), _static(shape[2]))
 
 
 def describe_loss(imgs, pred, mask, patch_size, norm_pix_loss) -> LossSpec:
-    return LossSpec(_device_type(pred), imgs.dtype, pred.dtype, mask.dtype, int(imgs.shape[1]),
+    return LossSpec(_device_type(pred), imgs.dtype, pred.dtype, mask.dtype, _static(imgs.shape[1]),
                     int(patch_size), bool(norm_pix_loss),
                     bool(pred.requires_grad and torch.is_grad_enabled()))
 

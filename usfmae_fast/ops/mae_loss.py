@@ -120,9 +120,18 @@ def _fused_backward(ctx, grad, _grad_of_grad_pred):
 
 def _fused_loss(op):
     """The public signature on a fused op ``(imgs, pred, mask, p, norm, with_grad) -> (loss,
-    grad_pred)``: the gradient is computed in the same pass only when autograd will need it."""
+    grad_pred)``: the gradient is computed in the same pass only when autograd will need it.
+
+    That gradient waits in autograd for the upstream one, which a GradScaler makes 2**16 or
+    more: kept in fp16 it overflows to inf (inf * 0 = NaN on the kept patches), and at ViT-B size
+    (768 values a patch) it is an fp16 subnormal before it is scaled. So an fp16 / bf16 ``pred``
+    reaches the kernel as fp32, its gradient is kept in fp32, and autograd rounds it to pred's
+    dtype only after scaling it (the backward of ``.float()``)."""
     def loss(imgs, pred, mask, patch_size, norm_pix_loss):
         with_grad = pred.requires_grad and torch.is_grad_enabled()
+        if with_grad and pred.dtype in (torch.float16, torch.bfloat16):
+            dtype = _loss_dtype(imgs, pred, mask)
+            return op(imgs, pred.float(), mask, patch_size, norm_pix_loss, True)[0].to(dtype)
         return op(imgs, pred, mask, patch_size, norm_pix_loss, with_grad)[0]
     return loss
 
