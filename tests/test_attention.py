@@ -226,3 +226,28 @@ def test_triton_bad_input_names_the_argument(backend, call, exc, name):
     backend("triton")
     with pytest.raises(exc, match=rf"\b{name}\b"):
         call()
+
+
+@pytest.mark.parametrize("backend_name", usable_backends("attention_packed", TRITON_DEVICE))
+@pytest.mark.parametrize("seq", [5, 16, 50])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_and_inf_propagate_as_in_the_reference(backend, backend_name, seq, value, where):
+    # PyTorch's CPU SDPA zeroed a query row holding NaN at N <= 16 (issue 15, item 4)
+    backend(backend_name)
+    qkv = torch.randn(2, seq, 3, 2, 16, device=TRITON_DEVICE)
+    qkv[1, seq // 2, "qkv".index(where), 1, 3] = value
+    got, expected = ops.attention_packed(qkv), reference.attention_packed(qkv)
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got.nan_to_num(), expected.nan_to_num(), rtol=1e-4, atol=1e-5)
+    q, k, v = (t.contiguous() for t in reference.split_qkv(qkv))
+    assert torch.equal(ops.attention(q, k, v).isnan(), reference.attention(q, k, v).isnan())
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0.0, -0.5, True])
+def test_scale_must_be_finite_and_positive(scale):
+    qkv = torch.randn(1, 5, 3, 1, 8)
+    with pytest.raises(ValueError, match=r"\bscale\b"):
+        ops.attention_packed(qkv, scale=scale)
+    with pytest.raises(ValueError, match=r"\bscale\b"):
+        ops.attention(*reference.split_qkv(qkv), scale=scale)

@@ -9,6 +9,7 @@ is what a ViT has); other shapes run SDPA with a warning.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -25,7 +26,13 @@ for _op, _describe, _packed in (("attention", _kernel_checks.describe_attention,
 
 
 def _sdpa(q, k, v, scale):
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q.is_cuda:
+        return out
+    # PyTorch's CPU flash kernel returns zeros for a query row holding NaN at short lengths
+    # (N <= 16, the MAE encoder after masking small images); the reference and every other
+    # backend return NaN there. A non-finite q element makes q * 0 NaN: that row becomes NaN.
+    return out + (q * 0).sum(-1, keepdim=True)
 
 
 def _sdpa_packed(qkv, scale):
@@ -168,8 +175,8 @@ if _ext.has_kernel("attention_fwd", "CPU") or _ext.has_kernel("attention_fwd", "
 
 def _scale(scale) -> float | None:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or scale <= 0):
-        raise ValueError(f"scale must be None or a positive number, got {scale!r}")
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be None or a finite positive number, got {scale!r}")
     return None if scale is None else float(scale)
 
 
