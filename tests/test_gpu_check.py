@@ -5,6 +5,7 @@ it had finished reported, and the benchmark numbers become the issue's goals."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -105,6 +106,7 @@ def test_a_stage_past_its_deadline_is_cut_and_reports_what_finished(tmp_path):
     assert "1 passed" in outcome.summary and "cut during test_cut.py::test_slow" in \
         outcome.summary, outcome.summary
     assert "KeyboardInterrupt" in (check.logs / "tests-masking.log").read_text()
+    shutil.rmtree(check.work)
 
 
 def _bench(name, variant, **info):
