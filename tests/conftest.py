@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 from usfmae_fast import ops  # noqa: E402
 from usfmae_fast.ops import _ext  # noqa: E402
+from usfmae_fast.ops.triton import _utils as _triton_utils  # noqa: E402
 
 
 
@@ -22,6 +23,23 @@ def pytest_configure(config):
     # it. Here, not in pyproject.toml: resolving the class there imports usfmae_fast before
     # TRITON_INTERPRET is set above, and every Triton test would silently skip.
     config.addinivalue_line("filterwarnings", "error::usfmae_fast.ops.KernelCheckWarning")
+
+
+def pytest_sessionstart(session):
+    """Fail the whole run, rather than skip test after test, when what it relies on is missing:
+    the compiled library when ``USFMAE_EXPECT_EXT=1`` (``make test`` sets it), and the Triton
+    interpreter when TRITON_INTERPRET=1 came too late for the kernels' module to see it."""
+    problems = []
+    if os.environ.get("USFMAE_EXPECT_EXT") == "1" and not _ext.LOADED:
+        problems.append("USFMAE_EXPECT_EXT=1 but the compiled library usfmae_fast._C did not "
+                        f"load: {_ext.LOAD_MESSAGE}")
+    if (os.environ.get("TRITON_INTERPRET") == "1" and _triton_utils.IMPORTED
+            and not _triton_utils.INTERPRET):
+        problems.append("usfmae_fast was imported before tests/conftest.py set TRITON_INTERPRET=1 "
+                        "(by a plugin or a pytest option naming it?): every Triton test would "
+                        "be dropped")
+    if problems:
+        pytest.exit("\n".join(problems), returncode=pytest.ExitCode.TESTS_FAILED)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -96,3 +96,31 @@ def test_missing_extension_is_reported_and_falls_back(tmp_path):
                             check=True)
     assert result.stdout.startswith("False")
     assert "failed to load" in result.stdout and "torch.Size([2, 5, 3])" in result.stdout
+
+
+def _run_pytest(env, *, python_prefix=""):
+    """One quick test of this file in a fresh pytest (conftest's session checks run first)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["tests/test_backend.py::test_set_backend_rejects_unknown_names", "-q",
+            "-p", "no:cacheprovider"]
+    code = f"{python_prefix}import pytest, sys; sys.exit(pytest.main({args!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True)
+
+
+def test_expected_extension_that_does_not_load_fails_the_session(tmp_path):
+    # `make test` expects the library and passes, which shows the check lets a loaded one
+    # through; here it must stop a run where the library fails to load.
+    missing = str(tmp_path / "missing.so")
+    result = _run_pytest(dict(os.environ, USFMAE_EXPECT_EXT="1", USFMAE_EXT_PATH=missing))
+    assert result.returncode == pytest.ExitCode.TESTS_FAILED, result.stdout + result.stderr
+    assert "USFMAE_EXPECT_EXT=1" in result.stdout and missing in result.stdout
+    assert "passed" not in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is used without a GPU")
+def test_triton_interpreter_set_too_late_fails_the_session():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = _run_pytest(env, python_prefix="import usfmae_fast.ops; ")
+    assert result.returncode == pytest.ExitCode.TESTS_FAILED, result.stdout + result.stderr
+    assert "imported before tests/conftest.py set TRITON_INTERPRET=1" in result.stdout

@@ -369,3 +369,41 @@ def test_attention_double_backward_is_a_clear_error(backend):
     (grad,) = torch.autograd.grad(out.square().sum(), qkv, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         grad.sum().backward()
+
+
+@_needs_cpu_kernel("attention_fwd")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_backward_sums_delta_in_fp32(dtype):
+    """delta = rowsum(dO * O) of the backward must be summed in fp32 for bf16 / fp16 inputs.
+
+    Head dim 128 with column 0 of v and dO at 16 (each row's first product is 256) and the other
+    127 products near 0.9: a running sum kept in bf16 stops growing at 256 (0.9 is below half of
+    bf16's spacing 2 there) and loses ~114 of ~370; in fp16 each of the 127 steps rounds to a
+    spacing of 0.25. The rest of v is 1 + small noise, so dP - delta is small while delta is
+    large, and an error in delta dominates dS = P (dP - delta), hence dq and dk. Measured: a bf16
+    sum misses the allowed error (2x PyTorch's own run, whose dP is one rounding of ~370) by 72x,
+    an fp16 sum by 11x; the fp32 sum stays within 4 % of it."""
+    gen = torch.Generator().manual_seed(11)
+    b, h, n, d = 2, 2, 97, 128
+    q = 0.5 * torch.randn(b, h, n, d, generator=gen)
+    k = torch.randn(b, h, n, d, generator=gen)
+    v = 1 + 0.1 * torch.randn(b, h, n, d, generator=gen)
+    go = 0.8 + 0.2 * torch.rand(b, h, n, d, generator=gen)
+    v[..., 0] = go[..., 0] = 16
+    q, k, v, go = (t.to(dtype) for t in (q, k, v, go))
+    scale = d ** -0.5
+    out, lse = torch.ops.usfmae.attention_fwd(q, k, v, scale)
+    grads = torch.ops.usfmae.attention_bwd(go, q, k, v, out, lse, scale)
+    _, _, torch_grads = _attention_reference(q, k, v, go, scale)
+    _, _, exact_grads = _attention_reference(q, k, v, go, scale, torch.float64)
+    for name, got, exact, torch_run in zip(("dq", "dk", "dv"), grads, exact_grads, torch_grads):
+        _check(name, got, exact, torch_run, FLOOR[dtype])
+    # The packed kernel shares the backward: the same rows through [B, N, 3, H, d].
+    qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
+    packed_out, packed_lse = torch.ops.usfmae.attention_packed_fwd(qkv, scale)
+    grad_qkv = torch.ops.usfmae.attention_packed_bwd(reference.merge_heads(go), qkv, packed_out,
+                                                     packed_lse, scale)
+    for i, (name, exact, torch_run) in enumerate(zip(("dq", "dk", "dv"), exact_grads,
+                                                     torch_grads)):
+        _check(f"packed {name}", grad_qkv[:, :, i].transpose(1, 2), exact, torch_run,
+               FLOOR[dtype])

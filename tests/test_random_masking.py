@@ -227,3 +227,53 @@ def test_cuda_backends_match_reference(backend, length, dtype):
         noise = torch.randint(0, 8, (3, length), device="cuda").float()  # ties on purpose
         _check_against_reference(x, 0.75, noise)
         _check_against_reference(x, 0.6, torch.rand(3, length, device="cuda"))
+
+
+# Drawn noise: every row its own uniform masking. Kept-count statistic for N rows of L patches
+# keeping K each (p = K / L): one row's keep indicators have variance p (1 - p) and covariance
+# -p (1 - p) / (L - 1), so sum_l (c_l - N p)^2 / (N p (1 - p) L / (L - 1)) over the keep counts
+# c_l is chi-square with L - 1 degrees of freedom when the positions are uniform.
+DRAWN_ROWS, DRAWN_LENGTH, DRAWN_KEEP = 128, 49, 12  # mask ratio 0.75 on a 7 x 7 grid
+CHI2_48_CRITICAL = 84.04  # scipy.stats.chi2.ppf(0.999, 48): a 1-in-1000 false alarm
+
+
+def _drawn_keep_indicators(device):
+    torch.manual_seed(0)
+    x = torch.zeros(DRAWN_ROWS, DRAWN_LENGTH, 1, device=device)
+    _, mask, ids_restore = ops.random_masking(x, 0.75)
+    kept = (mask == 0).cpu()
+    assert torch.equal(kept, (ids_restore < DRAWN_KEEP).cpu())
+    assert torch.equal(kept.sum(1), torch.full((DRAWN_ROWS,), DRAWN_KEEP))
+    return kept
+
+
+def _assert_rows_independent_and_uniform(kept):
+    n, length = kept.shape
+    p = DRAWN_KEEP / length
+    # Different rows, different masks: two equal 12-of-49 subsets have probability 1 / C(49, 12).
+    assert len({tuple(row.tolist()) for row in kept}) == n, "rows share a mask"
+    counts = kept.sum(0).double()
+    statistic = ((counts - n * p) ** 2).sum() / (n * p * (1 - p) * length / (length - 1))
+    assert statistic < CHI2_48_CRITICAL, f"kept positions not uniform: chi2 = {statistic:.1f}"
+    # Rows drawn from overlapping random streams (row r + 1 = row r shifted) keep shifted copies
+    # of each other. For independent rows the overlap of row r with row r + 1 rolled by s is
+    # hypergeometric (L, K, K) for every s; the N - 1 adjacent pairs are independent.
+    mean = DRAWN_KEEP * p
+    var = DRAWN_KEEP * p * (1 - p) * (length - DRAWN_KEEP) / (length - 1)
+    for shift in range(length):
+        overlap = (kept[:-1] & kept[1:].roll(shift, dims=1)).sum().item()
+        z = (overlap - (n - 1) * mean) / ((n - 1) * var) ** 0.5
+        assert abs(z) < 5, f"adjacent rows correlated at shift {shift}: z = {z:.1f}"
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_drawn_masks_differ_per_row_and_are_uniform(backend, backend_name):
+    backend(backend_name)
+    _assert_rows_independent_and_uniform(_drawn_keep_indicators("cpu"))
+
+
+@requires_cuda
+def test_drawn_masks_differ_per_row_and_are_uniform_on_cuda(backend):
+    for name in usable_backends("random_masking", "cuda"):
+        backend(name)
+        _assert_rows_independent_and_uniform(_drawn_keep_indicators("cuda"))
