@@ -17,7 +17,6 @@ from usfmae_fast.ops import _ext  # noqa: E402
 from usfmae_fast.ops.triton import _utils as _triton_utils  # noqa: E402
 
 
-
 def pytest_configure(config):
     # A kernel that fails its first-use check against ops/reference.py fails the test that met
     # it. Here, not in pyproject.toml: resolving the class there imports usfmae_fast before
