@@ -225,7 +225,8 @@ def _spec(dtype, d, device="cuda"):
 ])
 def test_auto_routes_each_cuda_input_to_a_backend_that_takes_it_well(monkeypatch, backend,
                                                                      dtype, d, picked):
-    impls = {name: _backend.Impl(i.fn, i.devices, lambda: None, i.takes, i.prefer)
+    # as on a GPU machine: every backend usable on CUDA tensors, Triton not interpreted
+    impls = {name: _backend.Impl(i.fn, ("cpu", "cuda"), lambda: None, i.takes, i.prefer)
              for name, i in _backend._REGISTRY["attention_packed"].items()}
     monkeypatch.setitem(_backend._REGISTRY, "attention_packed", impls)
     backend("auto")

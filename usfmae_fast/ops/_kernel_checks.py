@@ -18,7 +18,9 @@ import torch
 
 from . import reference
 
-_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+# fp64: the compiled attention keeps the row log-sum-exp in fp32 (its schema), which bounds its
+# fp64 gradients to ~1e-7 relative; the floor says what the kernels promise, not fp64's epsilon.
+_FLOOR = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 1e-5, torch.bfloat16: 1e-4}
 
 
 # On a GPU the check's input is big enough to fill the device: the Triton autotuner keeps the

@@ -73,7 +73,11 @@ def _compiled_takes(spec) -> str | None:
 
 
 def _compiled_prefer(spec) -> bool:
-    # on a GPU only where the tensor-core path runs; its CUDA-core path loses to SDPA / Triton
+    # on a GPU only where the tensor-core path runs; its CUDA-core path loses to SDPA / Triton.
+    # fp64 (gradient checks, exactness tests) goes to SDPA: our fp32 log-sum-exp limits it to
+    # ~1e-7 relative.
+    if spec.dtype == torch.float64:
+        return False
     return spec.device != "cuda" or (spec.dtype in _LOW_PRECISION
                                      and spec.d_qk in _CUDA_TENSOR_CORE_HEAD_DIMS)
 
