@@ -90,15 +90,18 @@ def _add_demo(sub) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from ._lock import output_lock
     from .data.ingest import IngestError, ingest
     try:
-        summary = ingest(args.sources, args.out, workers=args.workers, shard_size=args.shard_size,
-                         strict=args.strict, progress=not args.quiet, max_side=args.max_side,
-                         keep_color=args.color, image_format=args.format,
-                         jpeg_quality=args.quality, frame_stride=args.frame_stride,
-                         nifti_axis=args.nifti_axis, crop=not args.no_crop,
-                         remove_text=not args.no_inpaint, near_dup_bits=args.near_dup_bits,
-                         max_pixels=args.max_pixels)
+        with output_lock(args.out, "ingest"):
+            summary = ingest(args.sources, args.out, workers=args.workers,
+                             shard_size=args.shard_size, strict=args.strict,
+                             progress=not args.quiet, max_side=args.max_side,
+                             keep_color=args.color, image_format=args.format,
+                             jpeg_quality=args.quality, frame_stride=args.frame_stride,
+                             nifti_axis=args.nifti_axis, crop=not args.no_crop,
+                             remove_text=not args.no_inpaint, near_dup_bits=args.near_dup_bits,
+                             max_pixels=args.max_pixels)
     except IngestError as exc:
         print(f"usfmae-fast ingest: {exc}", file=sys.stderr)
         return 1
@@ -152,6 +155,7 @@ PRETRAIN_FLAGS = {
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from .models.checkpoint import CheckpointError
     from .train.config import ConfigError, build_config
     from .train.engine import TrainingDiverged, pretrain
 
@@ -174,8 +178,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = pretrain(cfg)
-    except (FileExistsError, FileNotFoundError) as exc:  # --out / --data / --resume
-        print(f"usfmae-fast pretrain: {exc}", file=sys.stderr)
+    except (FileExistsError, FileNotFoundError, CheckpointError) as exc:  # --out / --data /
+        print(f"usfmae-fast pretrain: {exc}", file=sys.stderr)  # --resume / --init-from
         return 2
     except TrainingDiverged as exc:
         print(f"usfmae-fast pretrain: {exc}", file=sys.stderr)
@@ -329,8 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._lock import FolderBusy
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FolderBusy as exc:  # ingest, pretrain, finetune, demo: one run per output folder
+        print(f"usfmae-fast {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

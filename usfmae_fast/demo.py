@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._lock import output_lock
+
 DEMO_SET = Path(__file__).resolve().parent / "demo_data" / "bmode_sim"
 LESION_CLASSES = ("cyst", "solid")
 
@@ -63,6 +65,23 @@ class DemoConfig:
     n_boot: int = 1000
     threads: int | None = None             # None: free_cores()
     progress: bool = True
+
+    def validate(self) -> "DemoConfig":
+        """``ValueError`` naming the first field out of range and the range accepted (the
+        stages' own configs check the rest before the first stage)."""
+        checks = {"pretrain_steps": (self.pretrain_steps >= 1, ">= 1"),
+                  "pretrain_batch": (self.pretrain_batch >= 1, ">= 1"),
+                  "finetune_epochs": (self.finetune_epochs >= 1, ">= 1"),
+                  "folds": (self.folds >= 2, ">= 2"), "seed": (self.seed >= 0, ">= 0"),
+                  "subjects_per_class": (self.subjects_per_class is None
+                                         or self.subjects_per_class >= 1, ">= 1, or all"),
+                  "threads": (self.threads is None or self.threads >= 1, ">= 1"),
+                  "models": (len(self.models) > 0, "one or more model names")}
+        for name, (ok, accepted) in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range; accepted: "
+                                 f"{accepted}")
+        return self
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -108,8 +127,9 @@ def ingest_stage(cfg: DemoConfig, out: Path) -> dict:
     files = ultrasound_test_files()
     if not files:
         raise RuntimeError("no ultrasound DICOMs found: is pydicom-data installed?")
-    # every frame of every cine: near-duplicate dropping off, exact duplicates still dropped
-    return ingest(files, out, workers=cfg.threads, progress=cfg.progress, near_dup_bits=-1)
+    with output_lock(out, "ingest"):  # as `usfmae-fast ingest` holds its folder
+        # every frame of every cine: near-duplicate dropping off, exact duplicates still dropped
+        return ingest(files, out, workers=cfg.threads, progress=cfg.progress, near_dup_bits=-1)
 
 
 def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tuple[Path, dict]:
@@ -250,14 +270,18 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
-    """Run every stage into ``cfg.out_dir``; returns the report (also ``report.json``)."""
+    """Run every stage into ``cfg.out_dir`` (held for the run: :class:`~._lock.FolderBusy` if
+    another run holds it); returns the report (also ``report.json``)."""
+    cfg = (cfg or DemoConfig()).validate()
+    with output_lock(cfg.out_dir, "demo"):
+        return _run_stages(replace(cfg, threads=cfg.threads or free_cores()))
+
+
+def _run_stages(cfg: DemoConfig) -> dict:
     from .finetune.protocol import run_protocol, split_test_set
     from .finetune.report import write_report
 
-    cfg = cfg or DemoConfig()
-    cfg = replace(cfg, threads=cfg.threads or free_cores())
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     seconds: dict[str, float] = {}
 
@@ -271,6 +295,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
 
     labels = select_subjects(Path(cfg.labels), cfg.subjects_per_class, out / "labels.csv")
     protocol = finetune_config(cfg, labels, None, out / "finetune")
+    protocol.train.validate()
     dev, test = split_test_set(protocol)  # the protocol's own split; bad labels fail here, first
     ingest = stage("ingest", ingest_stage, cfg, out / "ingest")
     source, pre_stats = pretraining_images(out / "ingest", dev.paths, out / "pretrain_images.csv")

@@ -64,6 +64,7 @@ def _weights(items: list[str]) -> dict[str, str]:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from .._lock import check_free
     from .engine import TrainConfig
     from .protocol import ProtocolConfig, prepare, quick_config, run_protocol
 
@@ -73,6 +74,7 @@ def _finetune(args: argparse.Namespace) -> int:
         train["patience"] = None
     if args.quiet:
         train["progress"] = False
+    check_free(args.out)  # a second run into a busy folder fails now, not after the checks
     try:
         protocol = {k: v for k, v in dict(
             models=_names(args.models), init=args.init, weights=_weights(args.weights or []),

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from ..data.image_files import ImageList
+from ..models.mae import PRESETS
+from ..train.config import DEVICE_PATTERN, LOADER_BACKENDS
 from ..train.engine import seed_everything
 from ..train.optim import WarmupCosineLR, param_groups
 from .labels import LabelledSet
@@ -85,30 +87,49 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> TrainConfig:
-        """``ValueError`` naming the first field out of range."""
-        checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
-            "blr": self.blr > 0, "probe_blr": self.probe_blr > 0,
-            "lr": self.lr is None or self.lr > 0, "min_lr": self.min_lr >= 0,
-            "warmup_epochs": self.warmup_epochs >= 0, "weight_decay": self.weight_decay >= 0,
-            "layer_decay": 0 < self.layer_decay <= 1, "drop_path": 0 <= self.drop_path < 1,
-            "smoothing": 0 <= self.smoothing < 1, "mixup": self.mixup >= 0,
-            "cutmix": self.cutmix >= 0, "crop_min": 0 < self.crop_min <= 1, "imbalance": self.imbalance in IMBALANCE,
-            "patience": self.patience is None or self.patience >= 1,
-            "clip_grad": self.clip_grad is None or self.clip_grad > 0,
-            "img_size": self.img_size >= 8, "in_chans": self.in_chans in (1, 3),
-            "std": (self.mean is None) == (self.std is None)
-            and (self.std is None or self.std > 0),
-            "precision": self.precision in PRECISIONS,
-            "global_pool": self.global_pool in GLOBAL_POOLS,
-            "backend": self.backend in ("auto", "dali", "torch"),
-            "device": self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-            "workers": self.workers is None or self.workers >= 0,
-            "threads": self.threads is None or self.threads >= 1}
-        for name, ok in checks.items():
+        """``ValueError`` naming the first field out of range and the range accepted."""
+        def finite(value) -> bool:
+            return value is not None and math.isfinite(value)
+
+        checks = {  # field: (accepted?, what is)
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "blr": (finite(self.blr) and self.blr > 0, "> 0"),
+            "probe_blr": (finite(self.probe_blr) and self.probe_blr > 0, "> 0"),
+            "lr": (self.lr is None or (finite(self.lr) and self.lr > 0), "> 0, or unset"),
+            "min_lr": (finite(self.min_lr) and self.min_lr >= 0, ">= 0"),
+            "warmup_epochs": (finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0"),
+            "weight_decay": (finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            "layer_decay": (0 < self.layer_decay <= 1, "in (0, 1], 1 = off"),
+            "drop_path": (0 <= self.drop_path < 1, "in [0, 1)"),
+            "smoothing": (0 <= self.smoothing < 1, "in [0, 1)"),
+            "mixup": (finite(self.mixup) and self.mixup >= 0, ">= 0, 0 = off"),
+            "cutmix": (finite(self.cutmix) and self.cutmix >= 0, ">= 0, 0 = off"),
+            "imbalance": (self.imbalance in IMBALANCE, f"one of {IMBALANCE}"),
+            "patience": (self.patience is None or self.patience >= 1,
+                         ">= 1, or unset (0 at the command line) for no early stopping"),
+            "clip_grad": (self.clip_grad is None or (finite(self.clip_grad)
+                                                     and self.clip_grad > 0), "> 0, or unset"),
+            "img_size": (self.img_size >= 8, ">= 8"),
+            "in_chans": (self.in_chans in (1, 3), "1 or 3"),
+            "vit_size": (self.vit_size in PRESETS, f"one of {tuple(PRESETS)}"),
+            "mean": (self.mean is None or finite(self.mean), "a finite number, with std"),
+            "std": ((self.mean is None) == (self.std is None)
+                    and (self.std is None or (finite(self.std) and self.std > 0)),
+                    "> 0, given together with mean"),
+            "rotate": (0 <= self.rotate <= 180, "in [0, 180] degrees"),
+            "crop_min": (0 < self.crop_min <= 1, "in (0, 1]"),
+            "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            "global_pool": (self.global_pool in GLOBAL_POOLS, f"one of {GLOBAL_POOLS}"),
+            "backend": (self.backend in LOADER_BACKENDS, f"one of {LOADER_BACKENDS}"),
+            "device": (DEVICE_PATTERN.fullmatch(self.device) is not None,
+                       "auto, cpu, cuda or cuda:N"),
+            "workers": (self.workers is None or self.workers >= 0, ">= 0, or unset"),
+            "threads": (self.threads is None or self.threads >= 1, ">= 1, or unset")}
+        for name, (ok, accepted) in checks.items():
             if not ok:
-                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range (see "
-                                 f"usfmae_fast.finetune.engine.TrainConfig)")
+                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range; accepted: "
+                                 f"{accepted} (see usfmae_fast.finetune.engine.TrainConfig)")
         return self
 
 

@@ -202,6 +202,8 @@ def build_classifier(spec: ModelSpec, num_classes: int, *, img_size: int = 224,
     mean = channel_values(US_MEAN if mean is None else mean, in_chans)
     std = channel_values(US_STD if std is None else std, in_chans)
     inputs = {"mean": mean, "std": std, "input_size": [in_chans, img_size, img_size]}
+    if spec.weights:  # read safely first: a refused or damaged file stops here, not in timm
+        mck.read_file(spec.weights, "weights")
     # a weights file is read with the registry's input_size (its channels); ours come after
     overlay = {"file": spec.weights} if spec.weights else inputs
     create = dict(pretrained=bool(spec.weights), pretrained_cfg_overlay=overlay, **kwargs)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._lock import output_lock
 from .engine import (Preprocess, TrainConfig, predict_probs, resolve_device, short_names,
                      train_fold, write_predictions, write_rows)
 from .labels import LabelledSet, read_labels
@@ -85,6 +86,10 @@ def prepare(cfg: ProtocolConfig) -> Plan:
         raise ValueError(f"test_size: must lie in [0, 0.5), got {cfg.test_size}")
     if cfg.n_boot < 1:
         raise ValueError(f"n_boot: must be >= 1, got {cfg.n_boot}")
+    if cfg.folds < 2:
+        raise ValueError(f"folds: must be >= 2, got {cfg.folds}")
+    if cfg.seed < 0:
+        raise ValueError(f"seed: must be >= 0, got {cfg.seed}")
     specs = [model_spec(name, cfg.init, cfg.weights) for name in cfg.models]
     if unused := sorted(set(cfg.weights) - {s.arch for s in specs} - set(cfg.models)):
         raise ValueError(f"weights: {unused} name no model of --models {cfg.models}")
@@ -212,10 +217,15 @@ def _task(dev: LabelledSet, test: LabelledSet | None, folds: int, seed: int, dat
 def run_protocol(cfg: ProtocolConfig, plan: Plan | None = None) -> dict:
     """Cross-validation + test set for every model of ``cfg.models``; writes everything under
     ``cfg.out_dir`` and returns the report (also in ``report.json``). ``plan``: the result of
-    :func:`prepare` when the caller has checked the inputs already."""
+    :func:`prepare` when the caller has checked the inputs already. The folder is held for the
+    run (:class:`~usfmae_fast._lock.FolderBusy` if another run holds it)."""
     plan = plan or prepare(cfg)
+    with output_lock(cfg.out_dir, "finetune"):
+        return _run_models(cfg, plan)
+
+
+def _run_models(cfg: ProtocolConfig, plan: Plan) -> dict:
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_splits(plan, out / "splits.csv")
     models = {spec.name: run_model(spec, plan, cfg) for spec in plan.specs}
     held_out = (f"the independent set `{cfg.test_labels}`" if cfg.test_labels else

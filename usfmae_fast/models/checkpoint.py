@@ -2,7 +2,9 @@
 
 Pickled files are only ever read with ``torch.load(weights_only=True)`` (plus
 ``argparse.Namespace``, which fb/mae training checkpoints keep under "args"); a pickle that
-asks for anything else is refused, never executed.
+asks for anything else is refused, never executed. A refused, empty, truncated or otherwise
+unreadable file is a :class:`CheckpointError` naming the file and why, never a bare
+``EOFError`` / ``RuntimeError`` from deep inside torch.
 """
 from __future__ import annotations
 
@@ -33,18 +35,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 StateDict = dict[str, torch.Tensor]
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (refused, damaged, or not what was asked for);
+    the message names the file."""
+
+
 # ----------------------------------------------------------------------------- reading
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    size = path.stat().st_size
+    what = "the file is empty (0 bytes)" if size == 0 else \
+        f"the file ({size} bytes) is truncated, damaged or not a checkpoint"
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return CheckpointError(f"cannot read checkpoint {str(path)!r}: {what} "
+                           f"({type(exc).__name__}: {detail[:200]})")
+
+
 def _torch_load(path: Path):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [line for line in str(exc).splitlines() if "GLOBAL" in line]
-        raise ValueError(
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        if not lines:  # no forbidden object named: the pickle itself is broken
+            raise _unreadable(path, exc) from exc
+        raise CheckpointError(
             f"refusing to load untrusted checkpoint {str(path)!r}: its pickle needs objects "
-            f"other than tensors and plain containers, which could run code "
-            f"({(lines or str(exc).splitlines())[0]}); re-save only the state dict if you "
-            f"trust it") from exc
+            f"other than tensors and plain containers, which could run code ({lines[0]}); "
+            f"re-save only the state dict if you trust it") from exc
+    except (EOFError, RuntimeError, OSError) as exc:  # empty, truncated zip, unreadable
+        raise _unreadable(path, exc) from exc
 
 
 def _unwrap(checkpoint, path: Path) -> StateDict:
@@ -56,8 +75,8 @@ def _unwrap(checkpoint, path: Path) -> StateDict:
     if not isinstance(checkpoint, Mapping) or not all(
             isinstance(v, torch.Tensor) for v in checkpoint.values()):
         found = list(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint)
-        raise ValueError(f"{str(path)!r} holds no state dict (a dict of tensors, possibly under "
-                         f"'model' or 'state_dict'); found {found}")
+        raise CheckpointError(f"{str(path)!r} holds no state dict (a dict of tensors, possibly "
+                              f"under 'model' or 'state_dict'); found {found}")
     state_dict = {}
     for key, value in checkpoint.items():
         while key.startswith(WRAPPER_PREFIXES):
@@ -74,9 +93,12 @@ def read_file(path, name: str = "checkpoint") -> tuple[object, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return safetensors.torch.load_file(str(path)), metadata
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return safetensors.torch.load_file(str(path)), metadata
+        except (safetensors.SafetensorError, OSError) as exc:
+            raise _unreadable(path, exc) from exc
     return _torch_load(path), {}
 
 

@@ -5,9 +5,12 @@ schedule and GradScaler states, every rank's RNG states (python, numpy, torch CP
 data position (epoch and the batch within it), the step counters and the config. It is
 written to a temporary file in the same folder and renamed into place, so a crash leaves the
 previous checkpoint intact and never a half-written one under a checkpoint's name.
-``resume="auto"`` takes the newest checkpoint that loads; a damaged one is reported and skipped.
+``resume="auto"`` takes the newest checkpoint that loads; a damaged one is reported and skipped,
+and when none loads the run stops (:class:`CheckpointError` naming each file) rather than start
+over on top of them.
 
-Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+Files are read with ``torch.load(weights_only=True)`` (``models.checkpoint.read_file``): tensors
+and plain containers only; a refused or damaged file is a :class:`CheckpointError`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from .._files import atomic_write
+from ..models.checkpoint import CheckpointError, read_file
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
@@ -74,46 +78,76 @@ def _as_python_state(state):
 
 
 # ----------------------------------------------------------------------------- save / load
-def save_checkpoint(out_dir, step: int, payload: dict, keep_last: int) -> Path:
+def save_checkpoint(out_dir, step: int, payload: dict, keep_last: int,
+                    keep: Path | None = None) -> Path:
     """Write ``payload`` as the checkpoint of ``step`` (atomically), then delete all but the
-    newest ``keep_last`` checkpoints and any temporary files a killed save left behind."""
+    newest ``keep_last`` checkpoints and ``keep`` (the last known good one), and any temporary
+    files a killed save left behind."""
     missing = [k for k in REQUIRED if k not in payload and k != "format"]
     if missing:
         raise ValueError(f"a training checkpoint needs {missing}")
     path = atomic_write(checkpoint_path(out_dir, step),
                         lambda tmp: torch.save({**payload, "format": FORMAT}, tmp))
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        if keep is None or old.resolve() != Path(keep).resolve():
+            old.unlink(missing_ok=True)
     for stale in checkpoint_dir(out_dir).glob(".step_*.tmp"):
         stale.unlink(missing_ok=True)
     return path
 
 
+def all_finite(*states) -> bool:
+    """Whether every floating-point tensor in ``states`` (nested dicts / lists) is finite."""
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                yield from tensors(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                yield from tensors(value)
+
+    flags = [torch.isfinite(t).all() for t in tensors(states) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def load_checkpoint(path) -> dict:
     """A training checkpoint, checked to hold everything a resume needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training checkpoint {str(path)!r} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload, _ = read_file(path, "training checkpoint")
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED):
         found = sorted(payload)[:12] if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path} is not a usfmae-fast training checkpoint (it lacks some of "
-                         f"{REQUIRED}; found {found}); to start from model weights use "
-                         f"model.init_from")
+        raise CheckpointError(f"{path} is not a usfmae-fast training checkpoint (it lacks some "
+                              f"of {REQUIRED}; found {found}); to start from model weights use "
+                              f"model.init_from")
     if payload["format"] != FORMAT:
-        raise ValueError(f"{path} has checkpoint format {payload['format']}, this version "
-                         f"reads {FORMAT}")
+        raise CheckpointError(f"{path} has checkpoint format {payload['format']}, this version "
+                              f"reads {FORMAT}")
     return payload
 
 
 def find_resume(out_dir) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``out_dir`` that loads, with its contents; None if none."""
+    """The newest checkpoint in ``out_dir`` that loads, with its contents; None if there is no
+    checkpoint. :class:`CheckpointError` naming each file and why when there are checkpoints
+    and none loads: starting over would overwrite them and the run's history."""
+    problems = []
     for step, path in reversed(list_checkpoints(out_dir)):
         try:
-            return path, load_checkpoint(path)
+            payload = load_checkpoint(path)
         except Exception as exc:  # damaged (e.g. the disk filled up): take the one before
-            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}",
-                          RuntimeWarning, stacklevel=2)
+            problems.append(str(exc) if isinstance(exc, CheckpointError)
+                            else f"{path}: {type(exc).__name__}: {exc}")
+            continue
+        for problem in problems:
+            warnings.warn(f"skipping unreadable checkpoint: {problem}", RuntimeWarning,
+                          stacklevel=2)
+        return path, payload
+    if problems:
+        raise CheckpointError(
+            f"resume=auto: none of the {len(problems)} checkpoint(s) in "
+            f"{checkpoint_dir(out_dir)} can be read, so nothing was resumed or changed: "
+            f"{'; '.join(problems)}. Restore or move them away, resume from a good copy "
+            f"(resume=PATH), or start over with output.overwrite=true and no resume")
     return None
 
 

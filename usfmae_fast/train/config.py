@@ -18,6 +18,7 @@ of GPUs; each rank loads ``batch_size / (world_size * accum_steps)`` images per 
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 import warnings
@@ -29,6 +30,7 @@ DISTRIBUTED = ("ddp", "fsdp")
 LOADER_BACKENDS = ("auto", "dali", "torch")
 OPS_BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 MODEL_SIZES = ("tiny", "small", "base", "large", "huge")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -267,49 +269,117 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _range(name: str, value, ok: bool, accepted: str) -> None:
+    _check(ok, f"{name} must be {accepted}, got {value!r}")
+
+
+def _positive(name: str, value, optional: bool = False) -> None:
+    _range(name, value, (optional and value is None) or (value is not None and value > 0),
+           "a positive integer" + (" or null" if optional else ""))
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")
+SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                "decoder_depth", "decoder_num_heads", "mlp_ratio")
+
+
+def _model_shape(m: ModelConfig) -> dict:
+    """The shape ``m`` builds: MaskedAutoencoderViT's defaults (fb/mae's decoder) <- the size
+    preset's encoder <- the fields that are set."""
+    import inspect
+
+    from ..models.mae import PRESETS as SIZES, MaskedAutoencoderViT
+
+    defaults = {k: p.default for k, p in inspect.signature(MaskedAutoencoderViT).parameters.items()}
+    given = {k: getattr(m, k) for k in SHAPE_FIELDS if getattr(m, k) is not None}
+    return {k: v for k, v in {**defaults, **SIZES[m.size], **given}.items() if k in SHAPE_FIELDS}
+
+
 def validate(cfg: PretrainConfig, world_size: int | None = None) -> PretrainConfig:
-    """Range checks; with ``world_size`` also that the global batch splits into equal
-    per-rank micro-batches."""
+    """Every field against its accepted range, named in the message (the model's shape and
+    the mask ratio against each other); with ``world_size`` also that the global batch
+    splits into equal per-rank micro-batches."""
     m, d, o, s, out = cfg.model, cfg.data, cfg.optim, cfg.system, cfg.output
-    _check(m.size in MODEL_SIZES, f"model.size must be one of {MODEL_SIZES}, got {m.size!r}")
-    _check(m.img_size > 0, f"model.img_size must be positive, got {m.img_size}")
-    _check(m.in_chans in (1, 3), f"model.in_chans must be 1 or 3, got {m.in_chans}")
-    _check(m.drop_path_rate >= 0, f"model.drop_path_rate must be >= 0, got {m.drop_path_rate}")
-    _check(d.backend in LOADER_BACKENDS,
-           f"data.backend must be one of {LOADER_BACKENDS}, got {d.backend!r}")
-    _check(d.std > 0, f"data.std must be > 0, got {d.std}")
-    _check(d.heldout >= 0, f"data.heldout must be >= 0, got {d.heldout}")
-    _check(o.batch_size > 0, f"optim.batch_size must be positive, got {o.batch_size}")
-    _check(o.accum_steps > 0, f"optim.accum_steps must be positive, got {o.accum_steps}")
+    _range("model.size", m.size, m.size in MODEL_SIZES, f"one of {MODEL_SIZES}")
+    _positive("model.img_size", m.img_size)
+    _range("model.in_chans", m.in_chans, m.in_chans in (1, 3), "1 or 3")
+    for name in SHAPE_FIELDS[:-1]:
+        _positive(f"model.{name}", getattr(m, name), optional=True)
+    _range("model.mlp_ratio", m.mlp_ratio,
+           m.mlp_ratio is None or (_finite(m.mlp_ratio) and m.mlp_ratio > 0), "> 0 or null")
+    _range("model.drop_path_rate", m.drop_path_rate, 0 <= m.drop_path_rate < 1, "in [0, 1)")
+    _range("model.init_from", m.init_from, m.init_from is None or m.init_from.strip() != "",
+           "a checkpoint path or null")
+    sizes = _model_shape(m)
+    patch = sizes["patch_size"]
+    _check(m.img_size % patch == 0, f"model.img_size = {m.img_size} must be a multiple of "
+           f"model.patch_size = {patch}")
+    for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+        _check(sizes[dim] % sizes[heads] == 0, f"model.{dim} = {sizes[dim]} must be a multiple "
+               f"of model.{heads} = {sizes[heads]}")
+    patches = (m.img_size // patch) ** 2
+    _check(patches >= 2, f"model.img_size = {m.img_size} / model.patch_size = {patch} gives "
+           f"{patches} patch; masking needs at least 2 (one kept, one masked)")
+
+    _range("data.source", d.source, d.source.strip() != "",
+           "'demo', an ingest folder, a manifest.csv or .tar shards")
+    _range("data.backend", d.backend, d.backend in LOADER_BACKENDS, f"one of {LOADER_BACKENDS}")
+    _range("data.workers", d.workers, d.workers is None or d.workers >= 0, ">= 0 or null")
+    _range("data.mean", d.mean, _finite(d.mean), "a finite number")
+    _range("data.std", d.std, _finite(d.std) and d.std > 0, "> 0 (finite)")
+    _range("data.rotate", d.rotate, 0 <= d.rotate <= 180, "in [0, 180] degrees")
+    _range("data.heldout", d.heldout, d.heldout >= 0, ">= 0")
+    _positive("data.max_frames_per_file", d.max_frames_per_file, optional=True)
+
+    _positive("optim.batch_size", o.batch_size)
+    _positive("optim.accum_steps", o.accum_steps)
     _check(o.steps is not None or o.epochs is not None,
            "set optim.steps or optim.epochs (the run length)")
-    _check(o.steps is None or o.steps > 0, f"optim.steps must be positive, got {o.steps}")
-    _check(o.epochs is None or o.epochs > 0, f"optim.epochs must be positive, got {o.epochs}")
-    _check(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr and optim.lr must be > 0")
-    _check(0 <= o.min_lr <= cfg.peak_lr(),
-           f"optim.min_lr = {o.min_lr} must be in [0, peak lr = {cfg.peak_lr():.3g}]")
-    _check(o.warmup_steps is None or o.warmup_steps >= 0,
-           f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _check(0 <= o.warmup_fraction < 1,
-           f"optim.warmup_fraction must be in [0, 1), got {o.warmup_fraction}")
-    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
-    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _check(o.clip_grad is None or o.clip_grad > 0,
-           f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
-    _check(0 <= o.mask_ratio < 1, f"optim.mask_ratio must be in [0, 1), got {o.mask_ratio}")
-    _check(o.max_bad_steps > 0, f"optim.max_bad_steps must be positive, got {o.max_bad_steps}")
-    _check(s.precision in PRECISIONS,
-           f"system.precision must be one of {PRECISIONS}, got {s.precision!r}")
-    _check(s.distributed in DISTRIBUTED,
-           f"system.distributed must be one of {DISTRIBUTED}, got {s.distributed!r}")
-    _check(s.ops_backend in OPS_BACKENDS,
-           f"system.ops_backend must be one of {OPS_BACKENDS}, got {s.ops_backend!r}")
-    _check(s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda"),
-           f"system.device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
-    _check(s.num_threads is None or s.num_threads > 0,
-           f"system.num_threads must be positive, got {s.num_threads}")
-    _check(out.save_every > 0, f"output.save_every must be positive, got {out.save_every}")
-    _check(out.keep_last > 0, f"output.keep_last must be positive, got {out.keep_last}")
+    _positive("optim.steps", o.steps, optional=True)
+    _range("optim.epochs", o.epochs, o.epochs is None or (_finite(o.epochs) and o.epochs > 0),
+           "> 0 (finite) or null")
+    _range("optim.blr", o.blr, _finite(o.blr) and o.blr > 0, "> 0 (finite)")
+    _range("optim.lr", o.lr, o.lr is None or (_finite(o.lr) and o.lr > 0), "> 0 (finite) or null")
+    _range("optim.min_lr", o.min_lr, 0 <= o.min_lr <= cfg.peak_lr(),
+           f"in [0, peak lr = {cfg.peak_lr():.3g}]")
+    _range("optim.warmup_steps", o.warmup_steps, o.warmup_steps is None or o.warmup_steps >= 0,
+           ">= 0 or null")
+    _range("optim.warmup_fraction", o.warmup_fraction, 0 <= o.warmup_fraction < 1, "in [0, 1)")
+    for name in ("beta1", "beta2"):
+        _range(f"optim.{name}", getattr(o, name), 0 <= getattr(o, name) < 1, "in [0, 1)")
+    _range("optim.weight_decay", o.weight_decay, _finite(o.weight_decay) and o.weight_decay >= 0,
+           ">= 0 (finite)")
+    _range("optim.clip_grad", o.clip_grad,
+           o.clip_grad is None or (_finite(o.clip_grad) and o.clip_grad > 0),
+           "> 0 (finite) or null")
+    kept = int(patches * (1 - o.mask_ratio)) if _finite(o.mask_ratio) else -1
+    _range("optim.mask_ratio", o.mask_ratio, 0 < o.mask_ratio < 1 and 1 <= kept < patches,
+           f"in (0, {1 - 1 / patches:.6g}]: at least one of the {patches} patches "
+           f"({m.img_size} px / patch {patch}) masked and one kept")
+    _positive("optim.max_bad_steps", o.max_bad_steps)
+
+    _range("system.device", s.device, DEVICE_PATTERN.fullmatch(s.device) is not None,
+           "auto, cpu, cuda or cuda:N")
+    _range("system.precision", s.precision, s.precision in PRECISIONS, f"one of {PRECISIONS}")
+    _range("system.ops_backend", s.ops_backend, s.ops_backend in OPS_BACKENDS,
+           f"one of {OPS_BACKENDS}")
+    _range("system.distributed", s.distributed, s.distributed in DISTRIBUTED,
+           f"one of {DISTRIBUTED}")
+    _range("system.compile_mode", s.compile_mode, s.compile_mode in COMPILE_MODES,
+           f"one of {COMPILE_MODES}")
+    _range("system.seed", s.seed, 0 <= s.seed < 2 ** 63, "in [0, 2**63)")
+    _positive("system.num_threads", s.num_threads, optional=True)
+
+    _range("output.out_dir", out.out_dir, out.out_dir.strip() != "", "a folder path")
+    _positive("output.save_every", out.save_every)
+    _positive("output.keep_last", out.keep_last)
+    _range("output.resume", out.resume, out.resume is None or out.resume.strip() != "",
+           "'auto', a checkpoint path or null")
     if world_size is not None:
         ranks = world_size * o.accum_steps
         _check(o.batch_size % ranks == 0,

@@ -4,8 +4,10 @@ backend.
 Per optimizer step: ``accum_steps`` micro-batches under autocast (bf16, or fp16 with a
 GradScaler), gradients all-reduced once, unscaled, clipped (``clip_grad``), then one host sync
 fetches the loss and gradient norm together; a non-finite step is skipped (no update) and
-counted, and ``max_bad_steps`` in a row stop the run with :class:`TrainingDiverged`, leaving the
-last good checkpoint as it was.
+counted, and ``max_bad_steps`` in a row stop the run with :class:`TrainingDiverged` naming the
+last good checkpoint: one whose weights and optimizer state are finite (no other is written)
+and whose next step was finite (a finite loss before an update says nothing about the weights
+after it). That one is never pruned, so a resume from it at a lower lr trains on.
 
 The masking noise of every step is drawn for the whole global batch from a generator seeded by
 (seed, step), and each rank and micro-step takes its own samples' rows: a run masks the same
@@ -20,6 +22,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,10 +31,11 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._lock import output_lock
 from . import checkpointing as ckpt
 from .config import PretrainConfig, dump_yaml, micro_batch_size, run_length
 from .data import build_data
-from .distributed import (DistContext, all_reduce_mean, barrier, broadcast_object,
+from .distributed import (DistContext, all_reduce_mean, broadcast_object,
                           enable_activation_checkpointing, full_state, gather_objects,
                           is_sharded, load_full_state, no_grad_sync, setup, teardown, wrap_model)
 from .monitor import RunMonitor, format_summary, throughput_summary
@@ -81,14 +85,17 @@ def init_from_checkpoint(model, path, data_mean: float, data_std: float):
     from ..models import checkpoint as mck
     from ..models.vit import pair
 
-    state, saved = mck.read_checkpoint(path)
-    if state["patch_embed.proj.weight"].shape[1] == 3 and model.in_chans == 1:
-        state = mck.to_grayscale(state, gray_mean=data_mean, gray_std=data_std)
-    saved = {**mck.infer_config(state), **(saved or {})}
-    height, width = pair(saved["img_size"])
-    old_grid = (height // saved["patch_size"], width // saved["patch_size"])
-    state = mck.interpolate_pos_embed(state, model.grid_size, old_grid)
-    return mck.load_state_dict(model, state, encoder_only="decoder_embed.weight" not in state)
+    state, saved = mck.read_checkpoint(path)  # CheckpointError: refused or damaged
+    try:
+        saved = {**mck.infer_config(state), **(saved or {})}
+        if state["patch_embed.proj.weight"].shape[1] == 3 and model.in_chans == 1:
+            state = mck.to_grayscale(state, gray_mean=data_mean, gray_std=data_std)
+        height, width = pair(saved["img_size"])
+        old_grid = (height // saved["patch_size"], width // saved["patch_size"])
+        state = mck.interpolate_pos_embed(state, model.grid_size, old_grid)
+        return mck.load_state_dict(model, state, encoder_only="decoder_embed.weight" not in state)
+    except ValueError as exc:  # not an MAE, or one that does not fit this model
+        raise mck.CheckpointError(f"model.init_from {str(path)!r}: {exc}") from exc
 
 
 class PretrainEngine:
@@ -138,6 +145,9 @@ class PretrainEngine:
         seed_everything(s.seed + self.ctx.rank)  # e.g. drop-path differs between ranks
         self._resume_note = None
         self.resumed_from = self._resume()
+        # the checkpoint of the step before (its next step decides whether it is good); the
+        # newest one whose next step was finite
+        self._unconfirmed, self.good_checkpoint = self.resumed_from, None
         self.monitor = RunMonitor(self.out_dir, enabled=self.ctx.is_main,
                                   total_steps=self.total_steps, start_step=self.state.step,
                                   tensorboard=cfg.output.tensorboard, progress=cfg.output.progress)
@@ -240,6 +250,9 @@ class PretrainEngine:
         # with fp16 an overflowing gradient is the GradScaler's business (it skips and rescales)
         finite = math.isfinite(loss_value) and (self.scaler.is_enabled()
                                                 or math.isfinite(norm_value))
+        if finite and self._unconfirmed is not None:  # the step after it: it is good
+            self.good_checkpoint = self._unconfirmed
+        self._unconfirmed = None  # (or it never will be)
         if finite:
             self.scaler.step(self.optimizer)
             self.state.bad_in_a_row = 0
@@ -259,21 +272,27 @@ class PretrainEngine:
                 "seconds": round(self.state.seconds, 4), "skipped": self.state.skipped}
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self) -> Path | None:
-        """The full training state at this step (rank 0 writes; every rank takes part)."""
+    def save(self) -> str | None:
+        """The full training state at this step (rank 0 writes; every rank takes part), unless
+        a weight or optimizer state is not finite; its path (on every rank) or None."""
         model_state = optim_state = None
         if self.ctx.is_main or is_sharded(self.model):
             model_state, optim_state = full_state(self.model, self.optimizer)
         rngs = gather_objects(ckpt.capture_rng(self.device), self.ctx)
         path = None
-        if self.ctx.is_main:
+        if self.ctx.is_main and not ckpt.all_finite(model_state, optim_state):
+            self.monitor.note(f"step {self.state.step}: the weights or optimizer state are not "
+                              f"finite; no checkpoint written")
+        elif self.ctx.is_main:
             payload = {"train_state": asdict(self.state), "model": model_state,
                        "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                        "scaler": self.scaler.state_dict(), "rng": rngs,
                        "config": self.cfg.to_dict(), "model_config": self.model.config}
-            path = ckpt.save_checkpoint(self.out_dir, self.state.step, payload,
-                                        self.cfg.output.keep_last)
-        barrier(self.ctx)
+            path = str(ckpt.save_checkpoint(self.out_dir, self.state.step, payload,
+                                            self.cfg.output.keep_last, keep=self.good_checkpoint))
+        path = broadcast_object(path, self.ctx)  # also waits for rank 0's write
+        if path is not None:
+            self._unconfirmed = path
         return path
 
     # -- the run -----------------------------------------------------------------------------
@@ -297,13 +316,14 @@ class PretrainEngine:
                 row = self.train_step(batches)
                 mon.log(row)
                 if self.state.bad_in_a_row >= cfg.optim.max_bad_steps:
-                    last = ckpt.list_checkpoints(self.out_dir)
+                    good = self.good_checkpoint or "none (no checkpoint was followed by a " \
+                        "finite step)"
                     raise TrainingDiverged(
                         f"{self.state.bad_in_a_row} steps in a row up to step {self.state.step} "
                         f"had a non-finite loss or gradient (lr {row['lr']:.3g}); stopped. The "
-                        f"last good checkpoint is {last[-1][1] if last else 'none (none saved)'}"
-                        f". Lower optim.lr / optim.blr, set optim.clip_grad, or use bf16, then "
-                        f"resume from it.")
+                        f"last good checkpoint (finite weights, and a finite step after them) "
+                        f"is {good}. Lower optim.lr / optim.blr, set optim.clip_grad, or use "
+                        f"bf16, then resume from it (output.resume=PATH).")
                 if self.state.bad_in_a_row:
                     mon.note(f"step {self.state.step}: non-finite loss or gradient, step "
                              f"skipped ({self.state.skipped} so far)")
@@ -384,9 +404,12 @@ class PretrainEngine:
 
 
 def pretrain(cfg: PretrainConfig, on_step=None) -> dict:
-    """Run ``cfg`` in this process (joining torchrun's process group when there is one)."""
+    """Run ``cfg`` in this process (joining torchrun's process group when there is one); rank 0
+    holds ``output.out_dir`` for the run (:class:`~usfmae_fast._lock.FolderBusy` if another run
+    does)."""
     ctx = setup(cfg.system.device)
     try:
-        return PretrainEngine(cfg, ctx, on_step=on_step).run()
+        with output_lock(cfg.output.out_dir, "pretrain") if ctx.is_main else nullcontext():
+            return PretrainEngine(cfg, ctx, on_step=on_step).run()
     finally:
         teardown(ctx)
