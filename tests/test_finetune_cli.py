@@ -72,6 +72,41 @@ def test_missing_image_exits_2(tmp_path, labels, capsys):
     assert "lost.png" in capsys.readouterr().err
 
 
+def _outside_csv(tmp_path, labels):
+    """A labels CSV beside a link to the real images, with one line that leaves its folder."""
+    bad = tmp_path / "labels.csv"
+    (tmp_path / "images").symlink_to(labels.parent / "images")
+    bad.write_text(labels.read_text() + "../../../../../../../../etc/passwd,solid,solid-p9\n")
+    return bad
+
+
+def test_finetune_refuses_paths_outside_the_labels_folder(tmp_path, labels, capsys):
+    """Issue 15 item 9: the line that leaves the CSV's folder is named, exit 2, unless
+    --allow-outside-root (then the run goes on to its next check: here too many folds)."""
+    bad = _outside_csv(tmp_path, labels)
+    args = ["finetune", "--labels", str(bad), "--out", str(tmp_path / "o"), "--models",
+            "test_resnet", *QUICK, "--folds", "9", "--test-size", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "labels.csv line 26: '../../../../../../../../etc/passwd' leads outside" in err
+    assert "--allow-outside-root" in err
+    with pytest.warns(UserWarning, match="passwd"):  # allowed, then left out: not an image
+        assert main(args + ["--allow-outside-root"]) == 2
+    assert "fewer than the 9 folds" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_paths_outside_the_labels_folder(finetuned, labels, tmp_path, capsys):
+    ckpts = [str(finetuned / "usfmae" / f"fold{k}" / "best.safetensors") for k in range(2)]
+    bad = _outside_csv(tmp_path, labels)
+    args = ["evaluate", "--ckpt", *ckpts, "--labels", str(bad), "--out", str(tmp_path / "e"),
+            "--n-boot", "20", "--backend", "torch"]
+    assert main(args) == 2
+    assert "line 26: '../../../../../../../../etc/passwd' leads outside" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="passwd"):  # allowed, then left out: not an image
+        assert main(args + ["--allow-outside-root"]) == 0
+    assert json.loads(capsys.readouterr().out.split("report:")[0])["n"] == 24
+
+
 def test_evaluate_and_scorecam_on_fold_checkpoints(finetuned, labels, tmp_path, capsys):
     ckpts = [str(finetuned / "usfmae" / f"fold{k}" / "best.safetensors") for k in range(2)]
     out = tmp_path / "eval"

@@ -1,6 +1,7 @@
 """Labelled image sets: labels CSVs (relative paths, patient columns, line-numbered errors),
 folder-per-class directories, a trained model's class list, missing and undecodable files."""
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -37,7 +38,9 @@ def test_csv_paths_are_relative_to_it_with_patients_and_extra_columns(tmp_path, 
             for i in range(6)] + [(str(outside), "cyst", "P9", "")]
     labels_csv = _csv(tmp_path / "meta" / "labels.csv", ("path", "label", "patient_id", "mask"),
                       rows)
-    data = read_labels(labels_csv)
+    with pytest.raises(LabelError, match=r"labels.csv line 2: '../scans/p0/0.png' leads outside"):
+        read_labels(labels_csv)  # ../ and absolute paths elsewhere only when allowed
+    data = read_labels(labels_csv, allow_outside_root=True)
     assert data.paths == [str(p.resolve()) for p in images + [outside]]
     assert data.classes == ["cyst", "solid"]
     assert data.labels.dtype == np.int64 and data.labels.tolist() == [0, 1, 0, 1, 0, 1, 0]
@@ -51,6 +54,29 @@ def test_csv_paths_are_relative_to_it_with_patients_and_extra_columns(tmp_path, 
     assert image_list.classes == ["cyst", "solid"]
     assert [(r.path, r.name, r.label) for r in image_list.records] == [
         (data.paths[5], "../scans/p2/5.png", 1), (data.paths[1], "../scans/p0/1.png", 1)]
+
+
+def test_paths_leaving_the_csv_folder_are_refused_with_their_line(tmp_path, rng):
+    """Issue 15 item 9: ``../../etc/passwd`` in a labels CSV was read silently."""
+    root = tmp_path / "study"
+    for i in range(4):
+        _png(root / "images" / f"{i}.png", rng)
+    secret = _png(tmp_path / "private" / "secret.png", rng)
+    (root / "linked").symlink_to(tmp_path / "private")  # a link inside the folder: its owner's
+    inside = [(f"images/{i}.png", "ab"[i % 2]) for i in range(3)]
+    inside += [("images/../images/3.png", "b"), ("linked/secret.png", "a")]
+    assert len(read_labels(_csv(root / "ok.csv", ("path", "label"), inside))) == 5
+    for bad in ("../../../../../../../../etc/passwd", "../private/secret.png", str(secret),
+                "images/../../private/secret.png"):
+        labels_csv = _csv(root / "labels.csv", ("path", "label"), inside + [(bad, "a")])
+        with pytest.raises(LabelError, match=rf"labels.csv line 7: '{re.escape(bad)}' leads "
+                                             r"outside the CSV's folder .*--allow-outside-root"):
+            read_labels(labels_csv)
+    with pytest.warns(UserWarning, match="duplicate"):  # linked/secret.png: the same image
+        allowed = read_labels(_csv(root / "labels.csv", ("path", "label"),
+                                   inside + [("../private/secret.png", "a")]),
+                              allow_outside_root=True)
+    assert str(secret.resolve()) in allowed.paths and len(allowed) == 5
 
 
 @pytest.mark.parametrize("column", GROUP_COLUMNS)

@@ -104,7 +104,11 @@ def test_evaluate_fold_checkpoints_reproduces_the_test_ensemble(run, tmp_path):
         writer.writerow(["path", "label", "patient_id"])
         writer.writerows([(r["path"], r["label"], r["patient_id"]) for r in test])
     ckpts = [out / "usfmae" / f"fold{k}" / "best.safetensors" for k in range(2)]
-    evaluated = evaluate_checkpoints(ckpts, labels, tmp_path / "eval", n_boot=50)
+    with pytest.raises(LabelError, match="leads outside the CSV's folder"):
+        evaluate_checkpoints(ckpts, labels, tmp_path / "eval", n_boot=50)
+    # splits.csv lists absolute paths: a CSV made from it points elsewhere on purpose
+    evaluated = evaluate_checkpoints(ckpts, labels, tmp_path / "eval", n_boot=50,
+                                     allow_outside_root=True)
     ensemble = evaluated["models"]["model"]["test"]["ensemble"]
     expected = report["models"]["usfmae"]["test"]["ensemble"]
     assert ensemble["confusion_matrix"] == expected["confusion_matrix"]

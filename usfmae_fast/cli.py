@@ -133,7 +133,9 @@ def _add_ingest(sub) -> None:
                    help="frames of one file within this many bits of the last kept one's 256-bit "
                    "difference hash are dropped; -1 keeps them (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=default.max_pixels,
-                   help="frames with more pixels are reported as errors (default: %(default)s)")
+                   help="most pixels read from one file, frames x width x height (after "
+                   "--frame-stride); larger files are reported as errors before decoding "
+                   "(default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--shard-size", type=int, default=0,
                    help="also write webdataset tar shards of this many images (default: none)")

@@ -98,20 +98,23 @@ def _say(cfg: DemoConfig, text: str) -> None:
 
 def select_subjects(labels_csv: Path, per_class: int | None, out: Path) -> Path:
     """``labels_csv`` itself, or a copy listing the first ``per_class`` subjects of each class
-    (paths made absolute)."""
+    (paths made absolute: the copy lies elsewhere; each must lie inside ``labels_csv``'s
+    folder, as the fine-tuning protocol requires of the CSV itself)."""
+    from .finetune.labels import listed_path
+
     if per_class is None:
         return labels_csv
     with labels_csv.open(newline="") as f:
         reader = csv.DictReader(f)
-        rows, columns = list(reader), reader.fieldnames
+        rows, columns = [(reader.line_num, row) for row in reader], reader.fieldnames
     kept: dict[str, list[str]] = {}
     chosen = []
-    for row in rows:
+    for line, row in rows:
         subjects = kept.setdefault(row["label"], [])
         if row["patient_id"] not in subjects and len(subjects) < per_class:
             subjects.append(row["patient_id"])
         if row["patient_id"] in subjects:
-            chosen.append({**row, "path": str((labels_csv.parent / row["path"]).resolve())})
+            chosen.append({**row, "path": listed_path(labels_csv, row["path"], line)})
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -173,6 +176,8 @@ def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dic
 
 
 def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path):
+    """The protocol's configuration; the labels may point outside their folder only when they
+    are :func:`select_subjects`' copy (whose paths it checked against the original's folder)."""
     from .finetune.engine import TrainConfig
     from .finetune.protocol import ProtocolConfig
 
@@ -184,6 +189,7 @@ def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path)
     return ProtocolConfig(labels=str(labels), out_dir=str(out), models=list(cfg.models),
                           init=str(init) if init else None, folds=cfg.folds,
                           test_size=cfg.test_size, seed=cfg.seed, n_boot=cfg.n_boot,
+                          allow_outside_root=Path(labels) != Path(cfg.labels),
                           title="USF-MAE demo: pretraining, fine-tuning, Score-CAM", train=train)
 
 

@@ -55,10 +55,20 @@ def _resize(img: np.ndarray, scale: float) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
-def find_sector(gray: np.ndarray) -> tuple[Box, list[np.ndarray]] | None:
-    """``(box, hulls)`` of the scan area of a gray frame: the bounding box and the convex hulls
-    (float ``[K, 2]`` x, y points) of its one or more sectors (dual views), in the frame's
-    pixels; None when nothing is found.
+def _foreground(frame: np.ndarray) -> np.ndarray:
+    """uint8 255 where a frame's gray level is above the background, else 0: one new array of
+    the frame's size (a colour frame's gray copy is thresholded in place)."""
+    if frame.ndim == 2:
+        return cv2.threshold(frame, _BACKGROUND_LEVEL, 255, cv2.THRESH_BINARY)[1]
+    gray = to_gray(frame)
+    cv2.threshold(gray, _BACKGROUND_LEVEL, 255, cv2.THRESH_BINARY, dst=gray)
+    return gray
+
+
+def find_sector(frame: np.ndarray) -> tuple[Box, list[np.ndarray]] | None:
+    """``(box, hulls)`` of the scan area of a frame (gray or RGB, by its gray level): the
+    bounding box and the convex hulls (float ``[K, 2]`` x, y points) of its one or more sectors
+    (dual views), in the frame's pixels; None when nothing is found.
 
     A sector is where nearly every pixel is above the background (``_DENSITY`` of them, over a
     window of ``_BLUR`` of the side): speckle is dense, text is sparse strokes on black. The
@@ -67,9 +77,9 @@ def find_sector(gray: np.ndarray) -> tuple[Box, list[np.ndarray]] | None:
     or half the largest, and bars longer than ``_MAX_ASPECT`` times their width (headers,
     scales), are not sectors.
     """
-    h, w = gray.shape
+    h, w = frame.shape[:2]
     scale = min(1.0, _WORK_SIDE / max(h, w))
-    density = _resize((gray > _BACKGROUND_LEVEL).astype(np.uint8) * np.uint8(255), scale)
+    density = _resize(_foreground(frame), scale)
     side = max(density.shape)
     blur = max(3, round(_BLUR * side)) | 1
     fg = (cv2.blur(density, (blur, blur)) > _DENSITY * 255).astype(np.uint8)
@@ -129,7 +139,7 @@ def clean_frame(frame: np.ndarray, region: Box | None = None, *, max_side: int =
         if region is not None:
             box, source = region, "dicom_regions"
         x0, y0, x1, y1 = box
-        found = find_sector(to_gray(frame[y0:y1, x0:x1]))
+        found = find_sector(frame[y0:y1, x0:x1])
         if found is not None:
             (bx0, by0, bx1, by1), hulls = found
             hulls = [hull + np.array([x0, y0], np.float32) for hull in hulls]

@@ -38,12 +38,21 @@ video cut short, a cine loop with a broken frame) is reported whole and writes n
 worker that dies (a decoder crash) costs only the file it was reading: the files in flight
 are retried one per process and the one that kills a worker again is reported as
 unreadable. Workers are spawned, not forked, so a script that calls :func:`ingest` with
-``workers`` > 1 needs the usual ``if __name__ == "__main__":`` guard.
+``workers`` > 1 needs the usual ``if __name__ == "__main__":`` guard; they die with the run
+(:func:`_die_with_parent`), and import no torch.
+
+Memory per worker follows the frames (see :mod:`.readers`): a file whose frames to read hold
+more than ``max_pixels`` pixels in all is refused before decoding, and so is one whose header
+declares more than its data can hold. Inputs that are not files (FIFOs, devices, sockets,
+dangling links, symlink loops, folders that cannot be listed) are reported in ``errors.csv``
+and never opened.
 """
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -51,7 +60,11 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
+import stat
+import sys
 import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -73,6 +86,7 @@ MANIFEST_COLUMNS = ["path", "source", "kind", "frame", *_HEADER_COLUMNS, "orig_w
 _INT_COLUMNS = {"frame", "orig_width", "orig_height", "crop_x0", "crop_y0", "crop_x1", "crop_y1",
                 "width", "height", "channels"}
 _DONE_COLUMNS = ["source", "size", "mtime_ns", "frames_read", "frames_written"]
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class IngestError(RuntimeError):
@@ -91,7 +105,7 @@ class IngestOptions:
     crop: bool = True                # crop to the scan area
     remove_text: bool = True         # inpaint burned-in text and calipers
     near_dup_bits: int = 10          # Hamming distance of a near duplicate; < 0: keep them
-    max_pixels: int = 150_000_000    # larger frames are refused before decoding
+    max_pixels: int = 150_000_000    # most pixels read from one file (frames x width x height)
 
     def __post_init__(self):
         if self.image_format not in ("png", "jpeg"):
@@ -102,27 +116,65 @@ class IngestOptions:
 
 def find_sources(sources: Iterable[PathLike],
                  exclude: PathLike | None = None) -> tuple[list[Path], list[dict]]:
-    """Files under ``sources`` (files or folders, searched recursively; hidden names and the
-    folder ``exclude`` skipped) as absolute paths, and ``{"source", "reason"}`` for each
-    source that does not exist."""
+    """Files under ``sources`` (files or folders, searched recursively, links to folders
+    followed; hidden names and the folder ``exclude`` skipped) as absolute paths, and
+    ``{"source", "reason"}`` for each source or entry that is not a readable file or folder:
+    missing, a dangling link, a symlink loop, a FIFO, a device, a socket, a folder that cannot
+    be listed. None of those is ever opened (a FIFO would block the run)."""
     skip = Path(exclude).absolute() if exclude is not None else None
-    files, missing, seen = [], [], set()
+    skip_id = _entry_kind(skip)[2] if skip is not None else None
+    files, problems, seen, walked = [], [], set(), set()
     for src in sources:
         src = Path(src).absolute()
-        if src.is_dir():
-            found = (p for p in sorted(src.rglob("*")) if p.is_file()
-                     and not any(part.startswith(".") for part in p.relative_to(src).parts)
-                     and (skip is None or not p.is_relative_to(skip)))
-        elif src.is_file():
-            found = [src]
-        else:
-            missing.append({"source": str(src), "reason": f"{src}: no such file or folder"})
-            continue
-        for path in found:
-            if path not in seen:
+        stack = [(src, ())]  # (path, identities of the folders above it)
+        while stack:
+            path, above = stack.pop()
+            kind, why, identity = _entry_kind(path)
+            if kind == "file" and path not in seen:
                 seen.add(path)
                 files.append(path)
-    return files, missing
+            elif kind == "folder" and identity != skip_id:
+                if identity in above:
+                    problems.append({"source": str(path), "reason": f"{path}: symlink loop "
+                                     "(it leads back to a folder that contains it); not followed"})
+                    continue
+                if identity in walked:  # a second link to one folder: its files are listed
+                    continue
+                walked.add(identity)
+                try:
+                    names = sorted(e.name for e in os.scandir(path) if not e.name.startswith("."))
+                except OSError as exc:
+                    problems.append({"source": str(path), "reason": f"{path}: cannot list the "
+                                     f"folder ({exc.strerror or exc})"})
+                    continue
+                stack.extend((path / name, above + (identity,)) for name in reversed(names)
+                             if skip is None or not (path / name).is_relative_to(skip))
+            elif kind == "unreadable":
+                problems.append({"source": str(path), "reason": f"{path}: {why}"})
+    return files, problems
+
+
+def _entry_kind(path: Path) -> tuple[str, str, tuple[int, int] | None]:
+    """``("file" | "folder" | "unreadable", why, (device, inode))`` of a path, links followed."""
+    link = f" (a link to {os.readlink(path)})" if os.path.islink(path) else ""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "unreadable", f"symlink loop{link}: it never reaches a file", None
+        if exc.errno == errno.ENOENT:
+            return "unreadable", (f"dangling symlink{link}: its target does not exist" if link
+                                  else "no such file or folder"), None
+        return "unreadable", f"cannot be read{link} ({exc.strerror or exc})", None
+    identity = (info.st_dev, info.st_ino)
+    if stat.S_ISREG(info.st_mode):
+        return "file", "", identity
+    if stat.S_ISDIR(info.st_mode):
+        return "folder", "", identity
+    what = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else
+            "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
+            "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+    return "unreadable", f"{what}{link}, not a file: not read", identity
 
 
 def _image_name(source: str, frame: int, image_format: str) -> str:
@@ -148,9 +200,11 @@ def ingest_file(path: str, options: IngestOptions) -> dict:
     result = {"source": path, "error": None, "rows": [], "frames_read": 0, "empty": 0,
               "exact_duplicates": 0, "near_duplicates": 0}
     try:
-        stat = os.stat(path)
-        result.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-        if stat.st_size == 0:
+        info = os.stat(path)
+        result.update(size=info.st_size, mtime_ns=info.st_mtime_ns)
+        if not stat.S_ISREG(info.st_mode):  # replaced since it was found: never open a FIFO
+            raise ValueError(f"{path}: {_entry_kind(Path(path))[1] or 'not a regular file'}")
+        if info.st_size == 0:
             raise ValueError(f"{path}: empty file (0 bytes)")
         source = open_source(path, frame_stride=options.frame_stride, nifti_axis=options.nifti_axis,
                              max_pixels=options.max_pixels)
@@ -187,9 +241,34 @@ def ingest_file(path: str, options: IngestOptions) -> dict:
     return result
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
+    """First thing in each worker: die with the parent ``parent``, one OpenCV thread."""
+    _die_with_parent(parent)
     import cv2
     cv2.setNumThreads(1)  # one process per core already
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker whose ``ingest`` is killed (``kill -9``, OOM killer) must not run on, decoding
+    for nobody. On Linux the kernel sends it SIGKILL when the parent dies (prctl
+    PR_SET_PDEATHSIG: immediate, even inside a long C call that holds the GIL); everywhere, a
+    thread checks every half second that the parent is still there. (The kernel's signal
+    follows the parent *thread* that started the worker: :func:`run_parallel` starts and shuts
+    down its pools in the one thread that iterates it.)"""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _crashed(path: str) -> dict:
@@ -208,7 +287,8 @@ def run_parallel(fn, paths: list[str], options, workers: int) -> Iterator[dict]:
     pending = deque(paths)
     while pending:
         suspects = []
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(os.getpid(),)) as pool:
             window = deque()
             try:
                 while pending or window:
@@ -221,7 +301,8 @@ def run_parallel(fn, paths: list[str], options, workers: int) -> Iterator[dict]:
             except BrokenProcessPool:
                 suspects = [path for path, _ in window]
         for path in suspects:
-            with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker) as alone:
+            with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker,
+                                     initargs=(os.getpid(),)) as alone:
                 try:
                     yield alone.submit(fn, path, options).result()
                 except BrokenProcessPool:
@@ -258,10 +339,10 @@ def _resume(out: Path, options: IngestOptions) -> tuple[dict[str, dict], list[di
     done = {}
     for row in _read_csv(out / "done.csv"):
         try:
-            stat = os.stat(row["source"])
+            info = os.stat(row["source"])
         except OSError:
             continue
-        if str(stat.st_size) == row["size"] and str(stat.st_mtime_ns) == row["mtime_ns"]:
+        if str(info.st_size) == row["size"] and str(info.st_mtime_ns) == row["mtime_ns"]:
             done[row["source"]] = row
     rows = [r for r in _read_csv(out / "manifest.csv") if r["source"] in done]
     _write_csv(out / "done.csv", _DONE_COLUMNS, done.values())

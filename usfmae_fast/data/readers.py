@@ -13,9 +13,16 @@ Every reader yields ``(index, frame)`` pairs, ``frame`` a uint8 array, ``[H, W]`
   multi-page TIFF; ``index`` = page.
 - Video (mp4, avi, mov, mkv, ...) through PyAV (FFmpeg); ``index`` = frame number.
 
-A frame larger than ``max_pixels`` is refused before it is decoded (pixel bombs, scans of
-film): its whole file is reported as unreadable. Every failure is an
-:class:`UnreadableFileError` (or :class:`~.dicom_frames.DicomFrameError`) naming the file.
+Memory follows the frames, not what a file declares: frames are decoded one at a time, a PNG
+a strip of rows at a time (:mod:`.png_stream`), uncompressed DICOM pixel data is read from
+the file frame by frame, a NIfTI volume slab by slab, and conversions to 8 bit run on blocks of
+rows, so a reader holds little more than the frame it yields (uint8, gray or RGB as the file
+is) and the one being decoded; other Pillow formats add Pillow's buffer of one page. A file
+whose frames to read (after ``frame_stride``) hold more than ``max_pixels`` pixels in all, or
+that declares more DICOM frames than its data can hold, is refused before anything is decoded
+(pixel bombs, scans of film, headers that lie): its whole file is reported as unreadable.
+Every failure is an :class:`UnreadableFileError` (or
+:class:`~.dicom_frames.DicomFrameError`) naming the file.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".wmv", ".mpg", ".mpeg", ".m4v
 # no image data.
 _IMAGE_REGION_FORMATS = {1, 2, 3}
 _BAR_REGION_TYPES = {13, 14}
+_SLAB_VOXELS = 8 << 20  # NIfTI voxels read at a time
 
 
 class UnreadableFileError(RuntimeError):
@@ -94,20 +102,24 @@ def open_source(path: PathLike, *, frame_stride: int = 1, nifti_axis: int = 2,
     return Source("video", _video_frames(path, frame_stride, max_pixels))
 
 
-def _check_size(path: PathLike, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise UnreadableFileError(f"{path}: {width}x{height} frame has {width * height} pixels, "
-                                  f"more than the limit of {max_pixels} (max_pixels)")
+def _check_size(path: PathLike, width: int, height: int, max_pixels: int, frames: int = 1) -> None:
+    """Refuse a file whose ``frames`` frames of ``width`` x ``height`` exceed ``max_pixels``."""
+    if frames * width * height > max_pixels:
+        what = (f"{width}x{height} frame has {width * height} pixels" if frames == 1 else
+                f"{frames} frames of {width}x{height} to read have {frames * width * height} "
+                "pixels (fewer with a larger frame stride)")
+        raise UnreadableFileError(f"{path}: {what}, more than the limit of {max_pixels} "
+                                  "(max_pixels)")
 
 
 def _dicom(path: PathLike, stride: int, max_pixels: int) -> Source:
     ds = open_dicom(path)
-    _check_size(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels)
+    indices = range(0, number_of_frames(ds), stride)
+    _check_size(path, int(ds.Columns), int(ds.Rows), max_pixels, len(indices))
     meta = {"patient_id": ds.get("PatientID", ""), "study_uid": ds.get("StudyInstanceUID", ""),
             "series_uid": ds.get("SeriesInstanceUID", ""), "sop_uid": ds.get("SOPInstanceUID", ""),
             "modality": ds.get("Modality", ""), "vendor": ds.get("Manufacturer", ""),
             "model": ds.get("ManufacturerModelName", "")}
-    indices = range(0, number_of_frames(ds), stride)
     return Source("dicom", iter_frames(ds, path, indices, color=True),
                   {k: str(v) for k, v in meta.items()}, _dicom_region(ds))
 
@@ -139,7 +151,7 @@ def _nifti(path: PathLike, axis: int, max_pixels: int) -> Source:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), keep_file_open=True)  # slabs read in turn from one stream
     except Exception as exc:
         raise _failed(path, "not a readable NIfTI file", exc) from exc
     shape = tuple(img.shape)
@@ -152,27 +164,56 @@ def _nifti(path: PathLike, axis: int, max_pixels: int) -> Source:
         raise UnreadableFileError(f"{path}: slice axis {axis} does not exist in a 3-D volume")
     axis %= 3
     plane = [s for i, s in enumerate(shape) if len(shape) == 2 or i != axis]
-    _check_size(path, plane[0], plane[1], max_pixels)
+    _check_size(path, plane[0], plane[1], max_pixels, shape[axis] if len(shape) == 3 else 1)
     return Source("nifti", _nifti_slices(path, img, shape, axis))
 
 
+def _nifti_slabs(img, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """The volume in slabs of about 8 million voxels along its last axis (the slowest on disk:
+    NIfTI stores voxels in Fortran order), each shaped ``shape[:2] + (k,)``."""
+    if len(shape) == 2:
+        yield np.asanyarray(img.dataobj).reshape(shape + (1,))
+        return
+    per = max(1, _SLAB_VOXELS // (shape[0] * shape[1]))
+    rest = (0,) * (len(img.shape) - 3)
+    for k in range(0, shape[2], per):
+        slab = np.asanyarray(img.dataobj[(slice(None), slice(None), slice(k, k + per)) + rest])
+        yield slab.reshape(shape[:2] + (-1,))
+
+
 def _nifti_slices(path: PathLike, img, shape: tuple[int, ...], axis: int):
+    """8-bit slices, one window (the volume's min and max) for all of them so that they stay
+    comparable. Read twice, slab by slab: once for the window, once to convert. Slices along
+    the last axis come straight from the slabs; along another axis, from the 8-bit volume."""
     try:
-        data = np.asanyarray(img.dataobj).reshape(shape)
+        window = None
+        if not img.get_data_dtype().names and img.get_data_dtype() != np.uint8:
+            lo, hi = np.inf, -np.inf
+            for slab in _nifti_slabs(img, shape):
+                values = slab if np.issubdtype(slab.dtype, np.integer) else slab[np.isfinite(slab)]
+                if values.size:
+                    lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+            window = (lo, hi) if lo <= hi else (0.0, 0.0)
+        volume, k = None, 0
+        for slab in _nifti_slabs(img, shape):
+            if slab.dtype.names:  # RGB24 / RGBA32 voxels
+                slab = np.stack([slab[c] for c in slab.dtype.names[:3]], axis=-1)
+            elif window is not None:
+                slab = _window(slab, *window)
+            if axis == 2 or len(shape) == 2:
+                for j in range(slab.shape[2]):
+                    # voxel (i, j) -> display with j running up the screen, as viewers show slices
+                    yield k + j, np.ascontiguousarray(np.rot90(slab[:, :, j]))
+            else:
+                if volume is None:
+                    volume = np.empty(shape[:3] + slab.shape[3:], np.uint8)
+                volume[:, :, k:k + slab.shape[2]] = slab
+            k += slab.shape[2]
     except Exception as exc:
         raise _failed(path, "cannot read the NIfTI voxel data", exc) from exc
-    window = None
-    if data.dtype.names:  # RGB24 / RGBA32 voxels
-        data = np.stack([data[c] for c in data.dtype.names[:3]], axis=-1)
-    elif data.dtype != np.uint8:  # one window for the volume keeps its slices comparable
-        values = data if np.issubdtype(data.dtype, np.integer) else data[np.isfinite(data)]
-        window = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    planes = [data] if len(shape) == 2 else (np.take(data, k, axis=axis) for k in range(shape[axis]))
-    for k, plane in enumerate(planes):
-        if window is not None:
-            plane = _window(plane, *window)
-        # voxel (i, j) -> display with j running up the screen, as NIfTI viewers show slices
-        yield k, np.ascontiguousarray(np.rot90(plane))
+    if volume is not None:
+        for k in range(shape[axis]):
+            yield k, np.ascontiguousarray(np.rot90(np.take(volume, k, axis=axis)))
 
 
 def _window(plane: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -198,32 +239,79 @@ def _own_pixel_limit():
 def _image_frames(path: PathLike, max_pixels: int):
     from PIL import Image, ImageSequence
 
+    from . import png_stream
+
     with _own_pixel_limit():
         try:
             im = Image.open(path)
         except Exception as exc:
             raise _failed(path, "not a readable image", exc) from exc
         with im:
-            _check_size(path, im.width, im.height, max_pixels)
+            _check_size(path, im.width, im.height, max_pixels, getattr(im, "n_frames", 1))
+            layout = None
+            if im.format == "PNG":
+                with open(path, "rb") as f:
+                    layout = png_stream.plain_png(f)
+            if layout is not None:  # in strips: Pillow never holds the whole image
+                def png_strips():
+                    with open(path, "rb") as f:
+                        yield from png_stream.strips(f, layout)
+                try:
+                    yield 0, _assemble(im.mode, im.size, png_strips)
+                except Exception as exc:
+                    raise _failed(path, "cannot decode image page 0", exc) from exc
+                return
             for page, frame in enumerate(ImageSequence.Iterator(im)):
                 try:
-                    yield page, _pil_to_uint8(frame)
+                    yield page, _assemble(frame.mode, frame.size, lambda: _crops(frame))
                 except Exception as exc:
                     raise _failed(path, f"cannot decode image page {page}", exc) from exc
 
 
-def _pil_to_uint8(im) -> np.ndarray:
+def _crops(im) -> Iterator[tuple[int, object]]:
+    """A Pillow image (decoded whole on first use) as strips of rows."""
+    step = max(1, (4 << 20) // max(1, im.width))
+    for y in range(0, im.height, step):
+        yield y, im.crop((0, y, im.width, min(im.height, y + step)))
+
+
+def _assemble(mode: str, size: tuple[int, int], strips) -> np.ndarray:
+    """The uint8 frame of ``strips()`` (``(first row, Pillow image)`` pieces), converted by
+    :func:`_pil_to_uint8` piece by piece. 16-bit, 32-bit and float images are stretched by
+    the whole image's range: a first pass over the pieces finds it."""
+    window = None
+    if mode in ("I", "F") or mode.startswith("I;"):
+        lo, hi = np.inf, -np.inf
+        for _, piece in strips():
+            arr = np.asarray(piece)
+            lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
+        window = (lo, hi)
+    out = None
+    for y, piece in strips():
+        part = _pil_to_uint8(piece, window)
+        if out is None:
+            out = np.empty((size[1],) + part.shape[1:], np.uint8)
+        out[y:y + len(part)] = part
+    return out
+
+
+def _pil_to_uint8(im, window: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 gray (1-bit, 8-bit, 16/32-bit or float gray, gray + alpha) or RGB (everything
+    else) of a Pillow image; transparent pixels composited over black."""
     from PIL import Image
 
     if im.mode in ("1", "L"):
         return np.array(im.convert("L"))  # writable: cleaning edits frames in place
     if im.mode in ("I", "F") or im.mode.startswith("I;"):
         arr = np.asarray(im)
-        return to_uint8(arr, 8 * arr.dtype.itemsize)
+        return to_uint8(arr, 8 * arr.dtype.itemsize, window)
     if im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info:
+        gray = im.mode in ("LA", "La")
         im = im.convert("RGBA")
         if im.getchannel("A").getextrema()[0] < 255:
             im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
+        if gray:
+            return np.array(im.getchannel("R"))
     return np.asarray(im.convert("RGB"))
 
 
@@ -238,11 +326,14 @@ def _video_frames(path: PathLike, stride: int, max_pixels: int):
         if not container.streams.video:
             raise UnreadableFileError(f"{path}: has no video stream")
         stream = container.streams.video[0]
-        _check_size(path, stream.codec_context.width, stream.codec_context.height, max_pixels)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        _check_size(path, width, height, max_pixels, -(-(stream.frames or 1) // stride))
         stream.thread_type = "AUTO"
         try:
             for index, frame in enumerate(container.decode(stream)):
                 if index % stride == 0:
+                    # streams need not declare their length: count what is read
+                    _check_size(path, frame.width, frame.height, max_pixels, index // stride + 1)
                     yield index, frame.to_ndarray(format="rgb24")
         except av.FFmpegError as exc:
             raise _failed(path, "cannot decode the video", exc) from exc

@@ -80,6 +80,7 @@ def _finetune(args: argparse.Namespace) -> int:
             models=_names(args.models), init=args.init, weights=_weights(args.weights or []),
             classes=_names(args.classes), test_labels=args.test_labels, folds=args.folds,
             test_size=args.test_size, seed=args.seed, n_boot=args.n_boot, check=args.check,
+            allow_outside_root=args.allow_outside_root or None,
             title=args.title).items() if v is not None}
         cfg = (quick_config(args.labels, args.out, train=train, **protocol) if args.quick else
                ProtocolConfig(args.labels, args.out, train=TrainConfig(**train), **protocol))
@@ -101,6 +102,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _add_outside_root(p) -> None:
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="let a labels CSV list images outside its own folder (../, absolute "
+                   "paths); without it such a line is an error")
 
 
 def _add_finetune(sub) -> None:
@@ -132,6 +139,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--n-boot", type=int, help="bootstrap resamples (default: 1000)")
     p.add_argument("--check", choices=["header", "full", "none"],
                    help="image check before training (default: header)")
+    _add_outside_root(p)
     p.add_argument("--title", help="report title")
     for name, (kind, text) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
@@ -153,7 +161,8 @@ def _add_evaluate(sub) -> None:
                                 backend=args.backend, workers=args.workers, progress=False)
             report = evaluate_checkpoints(args.ckpt, args.labels, args.out, name=args.name,
                                           n_boot=args.n_boot, seed=args.seed, check=args.check,
-                                          title=args.title, train=train)
+                                          title=args.title, train=train,
+                                          allow_outside_root=args.allow_outside_root)
         except INPUT_ERRORS as exc:
             return _fail("evaluate", exc)
         ensemble = report["models"][args.name]["test"]["ensemble"]
@@ -175,6 +184,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--check", choices=["header", "full", "none"], default="header")
+    _add_outside_root(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["auto", "dali", "torch"], default="auto")

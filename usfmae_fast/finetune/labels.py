@@ -2,9 +2,12 @@
 folder-per-class directory.
 
 A CSV has the columns ``path,label`` and optionally a patient / study id column (the first of
-:data:`GROUP_COLUMNS` it has); paths are relative to the CSV's folder (absolute ones are kept);
-other columns (a lesion ``mask``, say) are ignored. A directory holds one folder per class,
-``root/<class>/**/*.png|jpg|jpeg``, and no patient ids.
+:data:`GROUP_COLUMNS` it has); paths are relative to the CSV's folder, and one that leads out
+of it (``../../etc/passwd``, an absolute path elsewhere) is an error naming its line unless
+``allow_outside_root`` (``--allow-outside-root``) says the CSV may point anywhere. The check is
+on the path as written: links inside the folder are the folder owner's business and are
+followed. Other columns (a lesion ``mask``, say) are ignored. A directory holds one folder
+per class, ``root/<class>/**/*.png|jpg|jpeg``, and no patient ids.
 
 Everything that would make a run meaningless stops it with a :class:`LabelError` naming the
 argument, file and line: a listed file that does not exist, an empty label, a path listed twice
@@ -88,7 +91,19 @@ def _where(rows: Sequence[_Row], source: Path) -> str:
     return f"{source.name} line{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
-def _rows_from_csv(csv_path: Path) -> list[_Row]:
+def listed_path(csv_path: Path, text: str, line: int, allow_outside_root: bool = False) -> str:
+    """The absolute, resolved path of ``text`` as listed on ``line`` of ``csv_path`` (relative
+    to its folder); :class:`LabelError` naming the line when it leads out of that folder and
+    not ``allow_outside_root``."""
+    folder = Path(os.path.abspath(csv_path.parent))
+    if not allow_outside_root and not Path(os.path.normpath(folder / text)).is_relative_to(folder):
+        raise LabelError(f"labels: {csv_path} line {line}: {text!r} leads outside the CSV's "
+                         f"folder {folder}; pass --allow-outside-root (allow_outside_root=True) "
+                         "to read images elsewhere")
+    return str((csv_path.parent / text).resolve())
+
+
+def _rows_from_csv(csv_path: Path, allow_outside_root: bool = False) -> list[_Row]:
     try:
         with csv_path.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -107,7 +122,7 @@ def _rows_from_csv(csv_path: Path) -> list[_Row]:
         values = {c: (row.get(c) or "").strip() for c in ("path", "label", group) if c}
         if empty := [c for c, v in values.items() if not v]:
             raise LabelError(f"labels: {csv_path} line {line} has an empty {empty[0]!r}")
-        rows.append(_Row(str((csv_path.parent / values["path"]).resolve()),
+        rows.append(_Row(listed_path(csv_path, values["path"], line, allow_outside_root),
                          Path(values["path"]).as_posix(), values["label"], values.get(group),
                          line))
     if not rows:
@@ -161,19 +176,20 @@ def _class_list(rows: Sequence[_Row], classes: Sequence[str] | None, source: Pat
     return classes
 
 
-def read_labels(source, classes: Sequence[str] | None = None,
-                check: str = "header") -> LabelledSet:
+def read_labels(source, classes: Sequence[str] | None = None, check: str = "header",
+                allow_outside_root: bool = False) -> LabelledSet:
     """The labelled images of ``source`` (a labels CSV or a folder-per-class directory).
 
     Classes are sorted (numerically when every name is an integer) unless ``classes`` is given,
     e.g. a trained model's class list, in which case every label must be one of them.
     ``check`` is the image check of :func:`usfmae_fast.data.image_files.check_images`.
+    ``allow_outside_root``: a CSV may list images outside its own folder.
     """
     source = Path(source)
     if source.is_dir():
         rows = _rows_from_folders(source)
     elif source.is_file():
-        rows = _rows_from_csv(source)
+        rows = _rows_from_csv(source, allow_outside_root)
     else:
         raise LabelError(f"labels: {source} is neither a CSV file nor a directory")
     rows = _merge_duplicates(rows, source)

@@ -50,6 +50,7 @@ class ProtocolConfig:
     seed: int = 0
     n_boot: int = 1000                      # bootstrap resamples of the test set
     check: str = "header"                   # image check: header | full | none
+    allow_outside_root: bool = False        # label CSVs may list images outside their folder
     title: str = "USF-MAE fine-tuning report"
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -105,9 +106,9 @@ def prepare(cfg: ProtocolConfig) -> Plan:
 def split_test_set(cfg: ProtocolConfig) -> tuple[LabelledSet, LabelledSet | None]:
     """``(development set, test set or None)``: ``cfg.test_labels`` read as an independent set,
     else ``cfg.test_size`` held out of ``cfg.labels`` (stratified, grouped by patient)."""
-    data = read_labels(cfg.labels, cfg.classes, cfg.check)
+    data = read_labels(cfg.labels, cfg.classes, cfg.check, cfg.allow_outside_root)
     if cfg.test_labels:
-        test = read_labels(cfg.test_labels, data.classes, cfg.check)
+        test = read_labels(cfg.test_labels, data.classes, cfg.check, cfg.allow_outside_root)
         _check_independent(data, test)
         return data, test
     if cfg.test_size > 0:
@@ -255,10 +256,12 @@ def _run_models(cfg: ProtocolConfig, plan: Plan) -> dict:
 
 def evaluate_checkpoints(ckpts, labels, out_dir, *, name: str = "model", n_boot: int = 1000,
                          seed: int = 0, check: str = "header", title: str = "Evaluation report",
-                         train: TrainConfig | None = None) -> dict:
+                         train: TrainConfig | None = None,
+                         allow_outside_root: bool = False) -> dict:
     """Score classifier checkpoint(s) (an ensemble when several: mean probability) on a
     labelled set: metrics, bootstrap intervals, ROC / confusion figures, predictions CSV and
-    ``report.json`` / ``report.md`` under ``out_dir``."""
+    ``report.json`` / ``report.md`` under ``out_dir``. ``allow_outside_root``: the labels CSV
+    may list images outside its folder."""
     cfg = replace(train or TrainConfig(progress=False), progress=False).validate()
     if not ckpts:
         raise ValueError("ckpt: give at least one checkpoint")
@@ -268,7 +271,7 @@ def evaluate_checkpoints(ckpts, labels, out_dir, *, name: str = "model", n_boot:
         if model.classes != classes:
             raise ValueError(f"ckpt: {str(path)!r} has classes {model.classes}, "
                              f"{str(ckpts[0])!r} has {classes}")
-    data = read_labels(labels, classes, check)
+    data = read_labels(labels, classes, check, allow_outside_root)
     device = resolve_device(cfg.device)
     out = Path(out_dir)
     probs = [predict_probs(m.model.to(device), data.to_image_list(),
