@@ -138,3 +138,15 @@ def test_lock_is_reentrant_in_a_process_and_released_on_exit(tmp_path):
     with output_lock(out, "after the error"):
         pass
     assert not issubclass(FolderBusy, (ValueError, OSError))  # never mistaken for bad input
+
+
+def test_ingest_from_python_holds_its_folder_too(tmp_path):
+    from usfmae_fast.data.ingest import ingest
+    out = tmp_path / "corpus"
+    holder = Holder(out)
+    try:
+        with pytest.raises(FolderBusy, match=str(holder.proc.pid)):
+            ingest([tmp_path / "nothing"], out)
+    finally:
+        holder.close()
+    assert not (out / "manifest.csv").exists()

@@ -90,18 +90,16 @@ def _add_demo(sub) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from ._lock import output_lock
     from .data.ingest import IngestError, ingest
     try:
-        with output_lock(args.out, "ingest"):
-            summary = ingest(args.sources, args.out, workers=args.workers,
-                             shard_size=args.shard_size, strict=args.strict,
-                             progress=not args.quiet, max_side=args.max_side,
-                             keep_color=args.color, image_format=args.format,
-                             jpeg_quality=args.quality, frame_stride=args.frame_stride,
-                             nifti_axis=args.nifti_axis, crop=not args.no_crop,
-                             remove_text=not args.no_inpaint, near_dup_bits=args.near_dup_bits,
-                             max_pixels=args.max_pixels)
+        summary = ingest(args.sources, args.out, workers=args.workers,
+                         shard_size=args.shard_size, strict=args.strict,
+                         progress=not args.quiet, max_side=args.max_side,
+                         keep_color=args.color, image_format=args.format,
+                         jpeg_quality=args.quality, frame_stride=args.frame_stride,
+                         nifti_axis=args.nifti_axis, crop=not args.no_crop,
+                         remove_text=not args.no_inpaint, near_dup_bits=args.near_dup_bits,
+                         max_pixels=args.max_pixels)
     except IngestError as exc:
         print(f"usfmae-fast ingest: {exc}", file=sys.stderr)
         return 1

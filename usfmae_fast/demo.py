@@ -130,9 +130,8 @@ def ingest_stage(cfg: DemoConfig, out: Path) -> dict:
     files = ultrasound_test_files()
     if not files:
         raise RuntimeError("no ultrasound DICOMs found: is pydicom-data installed?")
-    with output_lock(out, "ingest"):  # as `usfmae-fast ingest` holds its folder
-        # every frame of every cine: near-duplicate dropping off, exact duplicates still dropped
-        return ingest(files, out, workers=cfg.threads, progress=cfg.progress, near_dup_bits=-1)
+    # every frame of every cine: near-duplicate dropping off, exact duplicates still dropped
+    return ingest(files, out, workers=cfg.threads, progress=cfg.progress, near_dup_bits=-1)
 
 
 def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tuple[Path, dict]:

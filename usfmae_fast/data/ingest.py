@@ -73,6 +73,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from .._files import atomic_write
+from .._lock import output_lock
 from .dicom_frames import PathLike
 from .readers import open_source
 
@@ -379,7 +380,14 @@ def ingest(sources: Iterable[PathLike] | PathLike, out: PathLike, *, workers: in
     ``skipped_done`` (ingested by an earlier run), ``files_ok``, ``errors``, ``frames_read``,
     ``frames_written``, ``empty_frames``, ``exact_duplicates``, ``near_duplicates``,
     ``duplicates_removed``, ``manifest_rows``, ``shards``, ``seconds``. With ``strict``, raises
-    :class:`IngestError` after the run when any file failed."""
+    :class:`IngestError` after the run when any file failed. ``out`` is held for the whole run
+    (:class:`usfmae_fast._lock.FolderBusy` when another run holds it)."""
+    with output_lock(out, "ingest"):
+        return _ingest(sources, out, workers=workers, shard_size=shard_size, strict=strict,
+                       progress=progress, **options)
+
+
+def _ingest(sources, out, *, workers, shard_size, strict, progress, **options) -> dict:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
