@@ -14,22 +14,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs, check_dtype
+from . import _utils
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@triton.autotune(
-    configs=autotune_configs([
-        triton.Config({"TILE": 4096}, num_warps=8),
-        triton.Config({"TILE": 2048}, num_warps=4),
-        triton.Config({"TILE": 4096}, num_warps=4),
-        triton.Config({"TILE": 8192}, num_warps=8),
-        triton.Config({"TILE": 16384}, num_warps=16),
-        triton.Config({"TILE": 1024}, num_warps=4),
-    ]),
-    key=["PATCH", "C", "NORM", "WITH_GRAD"],
-)
+def _footprint(config, args):
+    """Shared memory for the per-patch sums; words per thread for one tile in the compute dtype
+    (the loss dtype: fp64 tiles spill at 16 warps, where a thread has 128 registers)."""
+    rows = max(config.kwargs["TILE"] // args["BLOCK_P"], 1)
+    size = args["patch_loss_ptr"].dtype.itemsize
+    return _utils.Footprint(rows * config.num_warps * size + 1024,
+                            rows * args["BLOCK_P"] * size / 4 / (32 * config.num_warps))
+
+
+@_utils.autotune(
+    [triton.Config({"TILE": 4096}, num_warps=8),
+     triton.Config({"TILE": 2048}, num_warps=4),
+     triton.Config({"TILE": 4096}, num_warps=4),
+     triton.Config({"TILE": 8192}, num_warps=8),
+     triton.Config({"TILE": 16384}, num_warps=16),
+     triton.Config({"TILE": 1024}, num_warps=4)],
+    key=["PATCH", "C", "NORM", "WITH_GRAD"], footprint=_footprint, max_words=64)
 @triton.heuristics({"BLOCK_ROWS": lambda args: max(args["TILE"] // args["BLOCK_P"], 1)})
 @triton.jit
 def _mae_loss_kernel(imgs_ptr, pred_ptr, mask_ptr, mask_sum_ptr, patch_loss_ptr, grad_ptr, rows, L,
@@ -66,6 +72,7 @@ def _mae_loss_kernel(imgs_ptr, pred_ptr, mask_ptr, mask_sum_ptr, patch_loss_ptr,
         tl.store(grad_ptr + offs, (diff * scale[:, None]).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+@_utils.on_input_device
 def mae_loss_forward(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
                      norm_pix_loss: bool, with_grad: bool, compute_dtype: torch.dtype):
     """``(loss, grad_pred)`` of ``pred [N, L, p*p*C]`` against ``imgs [N, C, H, W]`` on the
@@ -73,7 +80,7 @@ def mae_loss_forward(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
     d loss / d pred in pred's dtype when ``with_grad``, an empty tensor otherwise. The inputs
     are contiguous with consistent shapes (the public op checks them)."""
     for name, t in (("imgs", imgs), ("pred", pred), ("mask", mask)):
-        check_dtype(name, t, _DTYPES)
+        _utils.check_dtype(name, t, _DTYPES)
     n, channels, height, width = imgs.shape
     length, dim = pred.shape[1:]
     rows = n * length

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs
+from . import _utils
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -76,17 +76,29 @@ def _ranks(noise_ptr, seed_ptr, row_start, i0, L, HAS_NOISE: tl.constexpr,
     return tl.sum(before, axis=1).to(tl.int64)
 
 
-@triton.autotune(
-    configs=autotune_configs([
-        triton.Config({"BLOCK_L": 64, "BLOCK_D": 256}, num_warps=8),
-        triton.Config({"BLOCK_L": 32, "BLOCK_D": 256}, num_warps=4),
-        triton.Config({"BLOCK_L": 32, "BLOCK_D": 512}, num_warps=8),
-        triton.Config({"BLOCK_L": 16, "BLOCK_D": 1024}, num_warps=8),
-        triton.Config({"BLOCK_L": 64, "BLOCK_D": 128}, num_warps=4),
-        triton.Config({"BLOCK_L": 32, "BLOCK_D": 128}, num_warps=4),
-    ]),
-    key=["L", "D", "HAS_NOISE"],
-)
+def _footprint(tokens: str, ranks: bool):
+    """Footprint of a config: shared memory for the per-row sums of the [BLOCK_L, BLOCK_L]
+    comparisons (forward, ``ranks``; nothing else is staged), words per thread for the tile of
+    the ``tokens`` argument and those comparisons."""
+    def footprint(config, args):
+        block_l, block_d = config.kwargs["BLOCK_L"], config.kwargs["BLOCK_D"]
+        tile = block_l * block_d * args[tokens].dtype.itemsize / 4 + ranks * block_l * block_l
+        return _utils.Footprint(ranks * block_l * config.num_warps * 4 + 1024,
+                                tile / (32 * config.num_warps))
+    return footprint
+
+
+_MAX_WORDS = 96  # spills begin past it (int64 tokens at 128 words, tests/test_triton_aot.py)
+
+
+@_utils.autotune(
+    [triton.Config({"BLOCK_L": 64, "BLOCK_D": 256}, num_warps=8),
+     triton.Config({"BLOCK_L": 32, "BLOCK_D": 256}, num_warps=4),
+     triton.Config({"BLOCK_L": 32, "BLOCK_D": 512}, num_warps=8),
+     triton.Config({"BLOCK_L": 16, "BLOCK_D": 1024}, num_warps=8),
+     triton.Config({"BLOCK_L": 64, "BLOCK_D": 128}, num_warps=4),
+     triton.Config({"BLOCK_L": 32, "BLOCK_D": 128}, num_warps=4)],
+    key=["L", "D", "HAS_NOISE"], footprint=_footprint("x_ptr", ranks=True), max_words=_MAX_WORDS)
 @triton.jit
 def _random_masking_kernel(x_ptr, noise_ptr, seed_ptr, x_masked_ptr, mask_ptr, ids_restore_ptr,
                            L, D, K, mask_one, HAS_NOISE: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -111,17 +123,14 @@ def _random_masking_kernel(x_ptr, noise_ptr, seed_ptr, x_masked_ptr, mask_ptr, i
         x_ptrs += BLOCK_L * D
 
 
-@triton.autotune(
-    configs=autotune_configs([
-        triton.Config({"BLOCK_L": 64, "BLOCK_D": 256}, num_warps=8),
-        triton.Config({"BLOCK_L": 16, "BLOCK_D": 256}, num_warps=4),
-        triton.Config({"BLOCK_L": 32, "BLOCK_D": 256}, num_warps=8),
-        triton.Config({"BLOCK_L": 8, "BLOCK_D": 512}, num_warps=4),
-        triton.Config({"BLOCK_L": 16, "BLOCK_D": 512}, num_warps=8),
-        triton.Config({"BLOCK_L": 8, "BLOCK_D": 1024}, num_warps=8),
-    ]),
-    key=["L", "D"],
-)
+@_utils.autotune(
+    [triton.Config({"BLOCK_L": 64, "BLOCK_D": 256}, num_warps=8),
+     triton.Config({"BLOCK_L": 16, "BLOCK_D": 256}, num_warps=4),
+     triton.Config({"BLOCK_L": 32, "BLOCK_D": 256}, num_warps=8),
+     triton.Config({"BLOCK_L": 8, "BLOCK_D": 512}, num_warps=4),
+     triton.Config({"BLOCK_L": 16, "BLOCK_D": 512}, num_warps=8),
+     triton.Config({"BLOCK_L": 8, "BLOCK_D": 1024}, num_warps=8)],
+    key=["L", "D"], footprint=_footprint("grad_x_masked_ptr", ranks=False), max_words=_MAX_WORDS)
 @triton.jit
 def _random_masking_backward_kernel(grad_x_masked_ptr, ids_restore_ptr, grad_x_ptr, L, D, K,
                                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -146,6 +155,7 @@ def _grid(n: int, dim: int):
     return lambda meta: (n, max(triton.cdiv(dim, meta["BLOCK_D"]), 1))
 
 
+@_utils.on_input_device
 def random_masking_forward(x: torch.Tensor, noise: torch.Tensor | None,
                            seed: torch.Tensor | None, num_keep: int):
     """``(x_masked [N, K, D], mask [N, L], ids_restore [N, L])`` of ``x [N, L, D]`` (contiguous,
@@ -164,6 +174,7 @@ def random_masking_forward(x: torch.Tensor, noise: torch.Tensor | None,
     return x_masked, mask, ids_restore
 
 
+@_utils.on_input_device
 def random_masking_backward(grad_x_masked: torch.Tensor, ids_restore: torch.Tensor):
     """``grad_x [N, L, D]``: row l is ``grad_x_masked[n, ids_restore[n, l]]`` when that index is
     below K, zero otherwise (the removed patches). Both inputs contiguous, ids int64."""
