@@ -46,14 +46,11 @@ _backend.register("attention_packed", "torch", _sdpa_packed, ("cpu", "cuda"))
 _CUDA_MAX_HEAD_DIM = 128
 _CUDA_TENSOR_CORE_HEAD_DIMS = (32, 64, 128)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton_takes(spec) -> str | None:
-    if spec.dtype not in _TRITON_DTYPES:
-        return f"the triton backend takes {', '.join(map(str, _TRITON_DTYPES))}"
-    if _triton_utils.INTERPRET and spec.dtype == torch.bfloat16:
-        return "the Triton interpreter has no bfloat16"
+    if _triton_utils.dtype_refusal(spec.dtype):
+        return _triton_utils.dtype_refusal(spec.dtype)
     if max(spec.d_qk, spec.d_v) > _triton_attention.MAX_HEAD_DIM:
         return f"the triton backend takes head_dim <= {_triton_attention.MAX_HEAD_DIM}"
     return None
@@ -86,8 +83,7 @@ if _triton_utils.IMPORTED:
     from .triton import attention as _triton_attention
     for _op, _fn in (("attention", _triton_attention.attention),
                      ("attention_packed", _triton_attention.attention_packed)):
-        _backend.register(_op, "triton", _fn, _triton_utils.DEVICES, _triton_utils.unavailable,
-                          _triton_takes, _triton_prefer)
+        _triton_utils.register(_op, _fn, takes=_triton_takes, prefer=_triton_prefer)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:

@@ -152,15 +152,10 @@ if _triton.IMPORTED:
     _mae_loss_triton_op.register_fake(_fused_fake)
     _mae_loss_triton_op.register_autograd(_fused_backward, setup_context=_setup_fused_context)
     def _triton_takes(spec) -> str | None:
-        dtypes = (spec.imgs, spec.pred, spec.mask)
-        if any(d not in _triton_mae_loss._DTYPES for d in dtypes):
-            return f"the triton backend takes {', '.join(map(str, _triton_mae_loss._DTYPES))}"
-        if _triton.INTERPRET and torch.bfloat16 in dtypes:
-            return "the Triton interpreter has no bfloat16"
-        return None
+        return next(filter(None, (_triton.dtype_refusal(d, _triton_mae_loss.DTYPES)
+                                  for d in (spec.imgs, spec.pred, spec.mask))), None)
 
-    _backend.register("mae_loss", "triton", _fused_loss(_mae_loss_triton_op), _triton.DEVICES,
-                      _triton.unavailable, _triton_takes)
+    _triton.register("mae_loss", _fused_loss(_mae_loss_triton_op), takes=_triton_takes)
 
 _COMPILED = "usfmae::mae_loss_fused"
 if _ext.has_kernel("mae_loss_fused", "CPU") or _ext.has_kernel("mae_loss_fused", "CUDA"):

@@ -47,21 +47,31 @@ def unavailable() -> str | None:
     return None
 
 
-def register(op: str, fn) -> None:
-    """Register ``fn`` as the "triton" backend of ``op``."""
+def register(op: str, fn, takes=None, prefer=None) -> None:
+    """Register ``fn`` as the "triton" backend of ``op`` (``takes`` / ``prefer``: see _backend)."""
     from .. import _backend
-    _backend.register(op, "triton", fn, DEVICES, unavailable)
+    extra = {k: v for k, v in (("takes", takes), ("prefer", prefer)) if v is not None}
+    _backend.register(op, "triton", fn, DEVICES, unavailable, **extra)
 
 
-def check_dtype(name: str, tensor: torch.Tensor,
-                allowed=(torch.float32, torch.float16, torch.bfloat16)) -> None:
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_refusal(dtype: torch.dtype, allowed=DTYPES) -> str | None:
+    """Why the Triton kernels cannot take ``dtype`` here (None when they can)."""
+    if dtype not in allowed:
+        return f"the triton backend takes {', '.join(map(str, allowed))}, got {dtype}"
+    if INTERPRET and dtype == torch.bfloat16:
+        return ("the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16; use "
+                "float32/float16 on CPU or run on a CUDA device")
+    return None
+
+
+def check_dtype(name: str, tensor: torch.Tensor, allowed=DTYPES) -> None:
     """Raise a TypeError naming ``name`` when the Triton kernels cannot take its dtype."""
-    if tensor.dtype not in allowed:
-        raise TypeError(f"{name}: the triton backend takes {', '.join(map(str, allowed))}, "
-                        f"got {tensor.dtype}")
-    if INTERPRET and tensor.dtype == torch.bfloat16:
-        raise TypeError(f"{name}: the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16; "
-                        "use float32/float16 on CPU or run on a CUDA device")
+    reason = dtype_refusal(tensor.dtype, allowed)
+    if reason is not None:
+        raise TypeError(f"{name}: {reason}")
 
 
 def on_input_device(launcher: Callable) -> Callable:

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _utils
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = _utils.DTYPES + (torch.float64,)
 
 
 def _footprint(config, args):
@@ -80,7 +80,7 @@ def mae_loss_forward(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
     d loss / d pred in pred's dtype when ``with_grad``, an empty tensor otherwise. The inputs
     are contiguous with consistent shapes (the public op checks them)."""
     for name, t in (("imgs", imgs), ("pred", pred), ("mask", mask)):
-        _utils.check_dtype(name, t, _DTYPES)
+        _utils.check_dtype(name, t, DTYPES)
     n, channels, height, width = imgs.shape
     length, dim = pred.shape[1:]
     rows = n * length
