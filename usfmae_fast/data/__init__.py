@@ -3,18 +3,11 @@ DALI / PyTorch loaders that feed training (``make_loader``).
 
 The names below are imported on first use: ``ingest`` and its worker processes import this
 package, and must not pay for torch (about 600 MB per process) that only the loaders need."""
-from importlib import import_module
+from .._lazy import lazy_exports
 
 _WHERE = {"DicomFrameError": ".dicom_frames", "load_demo_frames": ".dicom_frames",
           "load_frames": ".dicom_frames", "read_gray_frames": ".dicom_frames",
           "ultrasound_test_files": ".dicom_frames", "make_loader": ".loader"}
 
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_WHERE[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)

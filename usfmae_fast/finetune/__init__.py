@@ -3,7 +3,7 @@ stratified patient-grouped splits, classification metrics with bootstrap interva
 report (JSON, markdown, ROC and confusion-matrix figures); classifiers from USF-MAE / MAE
 checkpoints and timm baselines, one fold's training, the k-fold + test-set protocol, and
 prediction / feature extraction on images and DICOMs."""
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "labels": ("LabelError", "LabelledSet", "read_labels"),
@@ -18,12 +18,4 @@ _EXPORTS = {
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    # lazy: `usfmae-fast --help` and the other subcommands must not wait for torch / sklearn
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, {name: f".{module}" for name, module in _MODULE_OF.items()})

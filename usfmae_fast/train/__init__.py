@@ -2,18 +2,11 @@
 
 The names below are imported on first use: the command line reads ``train.config`` (no torch)
 to build its parser, and ``usfmae-fast ingest`` must not pay for torch (about 600 MB)."""
-from importlib import import_module
+from .._lazy import lazy_exports
 
 _WHERE = {"PRESETS": ".config", "ConfigError": ".config", "PretrainConfig": ".config",
           "build_config": ".config", "PretrainEngine": ".engine", "TrainingDiverged": ".engine",
           "pretrain": ".engine", "param_groups": ".optim", "warmup_cosine": ".optim"}
 
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_WHERE[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)
