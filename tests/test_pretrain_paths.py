@@ -101,13 +101,14 @@ def test_fp16_autocast_with_grad_scaler_matches_fp32(fp32_run, tmp_path, ops_bac
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor_bf16_matches_eager(fp32_run, bf16_run, tmp_path, monkeypatch):
+def test_torch_compile_inductor_bf16_matches_eager(fp32_run, bf16_run, tmp_path):
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool
     torch._dynamo.reset()
     counters.clear()
-    engine, rows, dtypes = train(tmp_path, system__precision="bf16", system__compile=True)
+    # no worker pool; config.patch, not monkeypatch, whose undo deletes inductor config entries
+    with torch._inductor.config.patch(compile_threads=1):
+        engine, rows, dtypes = train(tmp_path, system__precision="bf16", system__compile=True)
     assert isinstance(engine.train_model, torch._dynamo.eval_frame.OptimizedModule)
     assert counters["stats"]["unique_graphs"] >= 1
     # the whole MAE forward (masking, attention, loss ops included) is one graph on a GPU too
