@@ -22,7 +22,7 @@ from usfmae_fast.finetune.models import (ModelSpec, ProbeHead, build_classifier,
 from usfmae_fast.finetune.splits import kfold_splits
 from usfmae_fast.models import MaskedAutoencoderViT
 from usfmae_fast.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from usfmae_fast.train.optim import WarmupCosineLR
+from usfmae_fast.runtime.optim import WarmupCosineLR
 
 
 

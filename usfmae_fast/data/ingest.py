@@ -72,7 +72,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from .._files import atomic_write
+from ..runtime.files import atomic_write
 from .._lock import output_lock
 from .dicom_frames import PathLike
 from .readers import open_source

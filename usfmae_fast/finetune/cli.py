@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from ..data import LOADER_BACKENDS
+
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # LabelError and SplitError are ValueErrors
 
 # TrainConfig fields settable by a flag of the same name (dashes for underscores)
@@ -41,7 +43,7 @@ TRAIN_FLAGS = {
     "threads": (int, "torch CPU threads"),
 }
 TRAIN_CHOICES = {"imbalance": ("none", "weights", "sampler"), "global_pool": ("avg", "token"),
-                 "precision": ("auto", "bf16", "fp32"), "backend": ("auto", "dali", "torch")}
+                 "precision": ("auto", "bf16", "fp32"), "backend": LOADER_BACKENDS}
 
 
 def _fail(command: str, exc: Exception) -> int:
@@ -187,7 +189,7 @@ def _add_evaluate(sub) -> None:
     _add_outside_root(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=["auto", "dali", "torch"], default="auto")
+    p.add_argument("--backend", choices=LOADER_BACKENDS, default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=run)
 

@@ -4,7 +4,7 @@ best validation AUC, save it as ``best.safetensors``.
 The recipe is fb/mae ``main_finetune`` / ``main_linprobe``: AdamW with layer-wise lr decay
 (timm ``param_groups_layer_decay``, 0.65 by default; only for ViTs that start from pretrained
 weights: a random-init model or a CNN trains every layer at the same rate), lr = ``blr`` x
-batch / 256, per-step linear warmup then half-cosine (``train.optim.WarmupCosineLR``), drop
+batch / 256, per-step linear warmup then half-cosine (``runtime.optim.WarmupCosineLR``), drop
 path, label smoothing, timm ``Mixup`` / CutMix (soft-target cross-entropy), bf16 autocast on
 CUDA. A linear probe trains only its head (no weight decay, smoothing, mixup or drop path, as
 fb/mae), with AdamW instead of LARS and lr = ``probe_blr`` x batch / 256.
@@ -36,11 +36,12 @@ from torch import nn
 
 from ..data.image_files import ImageList
 from ..models.mae import PRESETS
-from ..train.config import DEVICE_PATTERN, LOADER_BACKENDS
-from ..train.engine import seed_everything
-from ..train.optim import WarmupCosineLR, param_groups
+from ..data import LOADER_BACKENDS
+from ..runtime.device import DEVICE_PATTERN, resolve_device
+from ..runtime.seed import seed_everything
+from ..runtime.optim import WarmupCosineLR, param_groups
 from .labels import LabelledSet
-from .metrics import _auc
+from .metrics import roc_auc
 from .report import fmt
 from .models import (GLOBAL_POOLS, Classifier, ModelSpec, build_classifier, head_name,
                      save_classifier)
@@ -151,12 +152,6 @@ class FoldResult:
     history: list[dict]
     checkpoint: Path
     seconds: float
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device, precision: str):
@@ -360,7 +355,7 @@ class _Training:
         probs = predict_loader(self.model, self.val_loader, len(y), self.device,
                                self.cfg.precision)
         picked = probs[np.arange(len(probs)), y]
-        return probs, {"auc": _auc(y, probs, "macro"),
+        return probs, {"auc": roc_auc(y, probs, "macro"),
                        "accuracy": float((probs.argmax(axis=1) == y).mean()),
                        "loss": float(-np.log(np.clip(picked, 1e-12, None)).mean())}
 

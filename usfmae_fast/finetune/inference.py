@@ -22,7 +22,8 @@ import torch
 from ..data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, UnreadableFileError, kind_of
 from ..data.torch_loader import eval_transform
 from .engine import autocast, resolve_device, write_predictions, write_rows
-from .models import MAE_ARCH, ModelSpec, build_classifier, load_finetuned
+from ..models.classifier import load_finetuned
+from .models import MAE_ARCH, ModelSpec, build_classifier
 
 
 @dataclass
@@ -154,8 +155,8 @@ def load_encoder(path, *, img_size: int | None = None, in_chans: int = 1,
     """``(model, img_size, channels, mean, std)`` for features: a classifier checkpoint's
     pre-logits, or an MAE-family encoder (final norm, then ``global_pool``) built as for
     fine-tuning, at ``img_size`` (default: the checkpoint's)."""
-    from ..explain.run import read_classifier
     from ..models.checkpoint import infer_config
+    from ..models.classifier import read_classifier
 
     state, meta = read_classifier(path)
     if "arch" in meta:

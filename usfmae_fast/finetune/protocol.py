@@ -31,7 +31,8 @@ from .engine import (Preprocess, TrainConfig, predict_probs, resolve_device, sho
                      train_fold, write_predictions, write_rows)
 from .labels import LabelledSet, read_labels
 from .metrics import bootstrap_ci, classification_metrics, summarize
-from .models import ModelSpec, build_classifier, load_finetuned, model_spec
+from ..models.classifier import load_finetuned
+from .models import ModelSpec, build_classifier, model_spec
 from .report import fmt, plot_confusion, plot_roc, write_report
 from .splits import SplitError, holdout_split, kfold_splits
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._files import atomic_write
+from ..runtime.files import atomic_write
 from ..models.checkpoint import CheckpointError, read_file
 
 CHECKPOINT_DIR = "checkpoints"

@@ -18,19 +18,19 @@ of GPUs; each rank loads ``batch_size / (world_size * accum_steps)`` images per 
 from __future__ import annotations
 
 import math
-import re
 import types
 import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data import LOADER_BACKENDS
+from ..runtime.device import DEVICE_PATTERN
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
-LOADER_BACKENDS = ("auto", "dali", "torch")
 OPS_BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 MODEL_SIZES = ("tiny", "small", "base", "large", "huge")
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -39,7 +38,8 @@ from .distributed import (DistContext, all_reduce_mean, broadcast_object,
                           enable_activation_checkpointing, full_state, gather_objects,
                           is_sharded, load_full_state, no_grad_sync, setup, teardown, wrap_model)
 from .monitor import RunMonitor, format_summary, throughput_summary
-from .optim import WarmupCosineLR, build_optimizer
+from ..runtime.optim import WarmupCosineLR, build_optimizer
+from ..runtime.seed import seed_everything
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FINAL_WEIGHTS = "checkpoint.safetensors"
@@ -57,12 +57,6 @@ class TrainState:
     skipped: int = 0        # non-finite steps skipped, in all
     bad_in_a_row: int = 0
     seconds: float = 0.0    # training time of the steps done, over all resumes
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def build_model(cfg: PretrainConfig):

@@ -1,0 +1,3 @@
+"""The small shared runtime of the three jobs (pretraining, fine-tuning, explanations): atomic
+files, figures, seeding, device choice and the optimisation recipe. It imports nothing else of
+this package, so any layer may use it; a job never borrows these pieces from another job."""
