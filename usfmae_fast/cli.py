@@ -196,13 +196,14 @@ def _dotted(items: list[str]) -> dict:
 
 
 def _add_pretrain(sub) -> None:
-    from .train.config import PRECISIONS, PRESETS
+    from .runtime.precision import PRECISIONS
+    from .train.config import CONFIG_PRESETS
     p = sub.add_parser("pretrain", help="MAE pretraining (DDP via torchrun, exact resume, logs, "
                        "figures)", description="Config: defaults <- --preset <- --config <- "
                        "flags <- --set section.field=value (fields: see usfmae_fast/train/"
                        "config.py).")
     p.add_argument("--config", help="YAML file of sections model/data/optim/system/output")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a recipe (default: mae)")
+    p.add_argument("--preset", choices=sorted(CONFIG_PRESETS), help="a recipe (default: mae)")
     p.add_argument("--data", help="'demo' (pydicom-data frames), an ingest folder, "
                    "manifest.csv or .tar shards")
     p.add_argument("--out", help="run folder: logs, checkpoints, figures")
@@ -234,6 +235,8 @@ def _add_pretrain(sub) -> None:
 
 
 def _add_scorecam(sub) -> None:
+    from .runtime.precision import PRECISIONS
+
     def run(args: argparse.Namespace) -> int:
         from .explain.run import explain_images
         try:
@@ -252,7 +255,7 @@ def _add_scorecam(sub) -> None:
                        "(+ pointing game / energy in lesion masks)",
                        description="Score-CAM of a timm classifier checkpoint (safetensors or "
                        ".pth/.pt state dict with its head; the architecture from --model or the "
-                       "checkpoint's 'arch' entry; see usfmae_fast.explain.run) on PNG / JPEG "
+                       "checkpoint's 'arch' entry; see usfmae_fast.models.classifier) on PNG / JPEG "
                        "images resized to the model's input. Writes OUT/heatmaps/*.npy, "
                        "OUT/overlays/*.png, OUT/grid.png and OUT/summary.json.")
     p.add_argument("--ckpt", required=True, help="classifier checkpoint (.safetensors/.pth/.pt)")
@@ -275,7 +278,7 @@ def _add_scorecam(sub) -> None:
     p.add_argument("--weights", choices=["softmax", "raw"], default="softmax", help="channel "
                    "weights: softmax of the scores (grad-cam) or the scores (paper) "
                    "(default: %(default)s)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+    p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
                    help="autocast precision of the forward passes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="masked inputs per forward pass (default: from the memory budget)")

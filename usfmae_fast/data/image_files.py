@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 PathLike = str | os.PathLike
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PNG_JPEG_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKS = ("header", "full", "none")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -141,7 +141,7 @@ def check_images(records: list[ImageRecord], check: str = "header",
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
+    return name.lower().endswith(PNG_JPEG_SUFFIXES)
 
 
 def _from_csv(csv_path: Path) -> list[ImageRecord]:

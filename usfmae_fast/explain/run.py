@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.image_files import PNG_JPEG_SUFFIXES
 from ..models.classifier import load_classifier, model_input
 from ..runtime.device import resolve_device
 from .figures import save_grid, save_overlay
 from .localization import energy_in_mask, pointing_game
 from .scorecam import ScoreCAM
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GROUP = 16        # images explained per ScoreCAM call
 GRID_IMAGES = 32  # images shown in grid.png
 
@@ -28,7 +28,7 @@ def find_images(sources: Sequence) -> list[Path]:
     found = []
     for source in map(Path, sources):
         if source.is_dir():
-            found += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in source.rglob("*") if p.suffix.lower() in PNG_JPEG_SUFFIXES)
         elif source.is_file():
             found.append(source)
         else:
@@ -53,7 +53,7 @@ def mask_index(masks: Path | None) -> dict[str, Path]:
         return {}
     if not masks.is_dir():
         raise FileNotFoundError(f"masks: {str(masks)!r} is not a folder")
-    files = sorted(p for p in masks.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in masks.rglob("*") if p.suffix.lower() in PNG_JPEG_SUFFIXES)
     index = {p.stem.removesuffix("_mask"): p for p in files if p.stem.endswith("_mask")}
     index.update({p.stem: p for p in files if not p.stem.endswith("_mask")})
     return index

@@ -10,6 +10,8 @@ import json
 import sys
 
 from ..data import LOADER_BACKENDS
+from ..data.image_files import CHECKS
+from ..runtime.precision import FINETUNE_PRECISIONS
 
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # LabelError and SplitError are ValueErrors
 
@@ -43,7 +45,7 @@ TRAIN_FLAGS = {
     "threads": (int, "torch CPU threads"),
 }
 TRAIN_CHOICES = {"imbalance": ("none", "weights", "sampler"), "global_pool": ("avg", "token"),
-                 "precision": ("auto", "bf16", "fp32"), "backend": LOADER_BACKENDS}
+                 "precision": FINETUNE_PRECISIONS, "backend": LOADER_BACKENDS}
 
 
 def _fail(command: str, exc: Exception) -> int:
@@ -139,7 +141,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--seed", type=int, help="splits and fold k's training use seed + k "
                    "(default: 0)")
     p.add_argument("--n-boot", type=int, help="bootstrap resamples (default: 1000)")
-    p.add_argument("--check", choices=["header", "full", "none"],
+    p.add_argument("--check", choices=CHECKS,
                    help="image check before training (default: header)")
     _add_outside_root(p)
     p.add_argument("--title", help="report title")
@@ -185,7 +187,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--title", default="Evaluation report")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--check", choices=["header", "full", "none"], default="header")
+    p.add_argument("--check", choices=CHECKS, default="header")
     _add_outside_root(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
@@ -215,7 +217,7 @@ def _add_predict(sub) -> None:
                    "%(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto")
     p.set_defaults(func=run)
 
 
@@ -246,7 +248,7 @@ def _add_embed(sub) -> None:
     p.add_argument("--global-pool", choices=["avg", "token"], default="avg")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto")
     p.set_defaults(func=run)
 
 

@@ -38,6 +38,7 @@ from ..data.image_files import ImageList
 from ..models.mae import PRESETS
 from ..data import LOADER_BACKENDS
 from ..runtime.device import DEVICE_PATTERN, resolve_device
+from ..runtime.precision import FINETUNE_PRECISIONS
 from ..runtime.seed import seed_everything
 from ..runtime.optim import WarmupCosineLR, param_groups
 from .labels import LabelledSet
@@ -46,7 +47,6 @@ from .report import fmt
 from .models import (GLOBAL_POOLS, Classifier, ModelSpec, build_classifier, head_name,
                      save_classifier)
 
-PRECISIONS = ("auto", "bf16", "fp32")
 IMBALANCE = ("none", "weights", "sampler")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds")
 
@@ -120,7 +120,7 @@ class TrainConfig:
                     "> 0, given together with mean"),
             "rotate": (0 <= self.rotate <= 180, "in [0, 180] degrees"),
             "crop_min": (0 < self.crop_min <= 1, "in (0, 1]"),
-            "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            "precision": (self.precision in FINETUNE_PRECISIONS, f"one of {FINETUNE_PRECISIONS}"),
             "global_pool": (self.global_pool in GLOBAL_POOLS, f"one of {GLOBAL_POOLS}"),
             "backend": (self.backend in LOADER_BACKENDS, f"one of {LOADER_BACKENDS}"),
             "device": (DEVICE_PATTERN.fullmatch(self.device) is not None,
@@ -227,7 +227,7 @@ def soft_target_loss(logits: torch.Tensor, target: torch.Tensor,
     return (per_sample * w).sum() / w.sum()
 
 
-def build_optimizer(built: Classifier, spec: ModelSpec, cfg: TrainConfig, lr: float):
+def build_finetune_optimizer(built: Classifier, spec: ModelSpec, cfg: TrainConfig, lr: float):
     model = built.model
     if spec.linear_probe:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -300,7 +300,7 @@ class _Training:
         self.val_labels = val.labels
         blr = cfg.probe_blr if spec.linear_probe else cfg.blr
         self.peak_lr = cfg.lr if cfg.lr is not None else blr * batch / 256
-        self.optimizer = build_optimizer(self.built, spec, cfg, self.peak_lr)
+        self.optimizer = build_finetune_optimizer(self.built, spec, cfg, self.peak_lr)
         steps = len(self.loader)
         self.scheduler = WarmupCosineLR(self.optimizer, self.peak_lr, min(cfg.min_lr, self.peak_lr),
                                         int(cfg.warmup_epochs * steps), cfg.epochs * steps)

@@ -152,7 +152,7 @@ def _figures(entry: dict, y, probs, metrics: dict, classes, model_dir: Path, out
                         "confusion": os.path.relpath(confusion, out)}
 
 
-def run_model(spec: ModelSpec, plan: Plan, cfg: ProtocolConfig) -> dict:
+def run_folds(spec: ModelSpec, plan: Plan, cfg: ProtocolConfig) -> dict:
     """Every fold of one model; its report entry."""
     out = Path(cfg.out_dir)
     model_dir, classes, dev, test = out / spec.name, plan.dev.classes, plan.dev, plan.test
@@ -229,7 +229,7 @@ def run_protocol(cfg: ProtocolConfig, plan: Plan | None = None) -> dict:
 def _run_models(cfg: ProtocolConfig, plan: Plan) -> dict:
     out = Path(cfg.out_dir)
     write_splits(plan, out / "splits.csv")
-    models = {spec.name: run_model(spec, plan, cfg) for spec in plan.specs}
+    models = {spec.name: run_folds(spec, plan, cfg) for spec in plan.specs}
     held_out = (f"the independent set `{cfg.test_labels}`" if cfg.test_labels else
                 "stratified, grouped by patient" if cfg.test_size else "none")
     report = {

@@ -4,7 +4,7 @@ The names below are imported on first use: the command line reads ``train.config
 to build its parser, and ``usfmae-fast ingest`` must not pay for torch (about 600 MB)."""
 from importlib import import_module
 
-_WHERE = {"PRESETS": ".config", "ConfigError": ".config", "PretrainConfig": ".config",
+_WHERE = {"CONFIG_PRESETS": ".config", "ConfigError": ".config", "PretrainConfig": ".config",
           "build_config": ".config", "PretrainEngine": ".engine", "TrainingDiverged": ".engine",
           "pretrain": ".engine", "param_groups": ".optim", "warmup_cosine": ".optim"}
 

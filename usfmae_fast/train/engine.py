@@ -166,7 +166,7 @@ class PretrainEngine:
         path = broadcast_object(path, self.ctx)  # every rank loads the file rank 0 chose
         if path is None:
             return None
-        payload = ckpt.load_checkpoint(path)
+        payload = ckpt.load_training_state(path)
         load_full_state(self.model, self.optimizer, payload["model"], payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
