@@ -1,19 +1,18 @@
 """``usfmae-fast finetune | evaluate | predict | embed`` (registered by ``usfmae_fast.cli``).
 
 Bad input (labels, classes, splits, checkpoints, model names, hyper-parameters) is reported
-before any training, on stderr, with exit code 2.
+before any training, on stderr, with exit code 2 (the mapping of ``usfmae_fast.cli.exit_on``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from ..cli import exit_on
 from ..data import LOADER_BACKENDS
 from ..data.image_files import CHECKS
 from ..runtime.precision import FINETUNE_PRECISIONS
 
-INPUT_ERRORS = (ValueError, FileNotFoundError)  # LabelError and SplitError are ValueErrors
 
 # TrainConfig fields settable by a flag of the same name (dashes for underscores)
 TRAIN_FLAGS = {
@@ -48,11 +47,6 @@ TRAIN_CHOICES = {"imbalance": ("none", "weights", "sampler"), "global_pool": ("a
                  "precision": FINETUNE_PRECISIONS, "backend": LOADER_BACKENDS}
 
 
-def _fail(command: str, exc: Exception) -> int:
-    print(f"usfmae-fast {command}: {exc}", file=sys.stderr)
-    return 2
-
-
 def _names(text: str | None) -> list[str] | None:
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
@@ -79,7 +73,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.quiet:
         train["progress"] = False
     check_free(args.out)  # a second run into a busy folder fails now, not after the checks
-    try:
+    with exit_on():
         protocol = {k: v for k, v in dict(
             models=_names(args.models), init=args.init, weights=_weights(args.weights or []),
             classes=_names(args.classes), test_labels=args.test_labels, folds=args.folds,
@@ -89,8 +83,6 @@ def _finetune(args: argparse.Namespace) -> int:
         cfg = (quick_config(args.labels, args.out, train=train, **protocol) if args.quick else
                ProtocolConfig(args.labels, args.out, train=TrainConfig(**train), **protocol))
         plan = prepare(cfg)
-    except INPUT_ERRORS as exc:
-        return _fail("finetune", exc)
     report = run_protocol(cfg, plan)
     for name, model in report["models"].items():
         cv = model["cv"]["summary"]["auc"]
@@ -160,15 +152,13 @@ def _add_evaluate(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from .engine import TrainConfig
         from .protocol import evaluate_checkpoints
-        try:
+        with exit_on():
             train = TrainConfig(batch_size=args.batch_size, device=args.device,
                                 backend=args.backend, workers=args.workers, progress=False)
             report = evaluate_checkpoints(args.ckpt, args.labels, args.out, name=args.name,
                                           n_boot=args.n_boot, seed=args.seed, check=args.check,
                                           title=args.title, train=train,
                                           allow_outside_root=args.allow_outside_root)
-        except INPUT_ERRORS as exc:
-            return _fail("evaluate", exc)
         ensemble = report["models"][args.name]["test"]["ensemble"]
         print(json.dumps({k: ensemble[k] for k in ("auc", "f1", "accuracy", "precision",
                                                     "recall", "specificity", "n")}, indent=2))
@@ -199,12 +189,10 @@ def _add_evaluate(sub) -> None:
 def _add_predict(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from .inference import predict_images
-        try:
+        with exit_on():
             summary = predict_images(args.ckpt, args.images, args.out,
                                      batch_size=args.batch_size, device=args.device,
                                      precision=args.precision)
-        except INPUT_ERRORS as exc:
-            return _fail("predict", exc)
         print(json.dumps(summary, indent=2))
         return 0
 
@@ -224,13 +212,11 @@ def _add_predict(sub) -> None:
 def _add_embed(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from .inference import embed_images
-        try:
+        with exit_on():
             summary = embed_images(args.ckpt, args.images, args.out, img_size=args.img_size,
                                    in_chans=args.in_chans, global_pool=args.global_pool,
                                    batch_size=args.batch_size, device=args.device,
                                    precision=args.precision)
-        except INPUT_ERRORS as exc:
-            return _fail("embed", exc)
         print(json.dumps(summary, indent=2))
         return 0
 
