@@ -10,9 +10,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from ..data.image_files import PNG_JPEG_SUFFIXES
+from ..data.torch_loader import decode_image, eval_geometry, eval_transform
 from ..models.classifier import load_classifier, model_input
 from ..runtime.device import resolve_device
 from .figures import save_grid, save_overlay
@@ -39,11 +40,18 @@ def find_images(sources: Sequence) -> list[Path]:
 
 
 def load_image(path, channels: int, size) -> np.ndarray:
-    """``[H, W, channels]`` float in [0, 1], resized (bilinear) to ``size`` (height, width)."""
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        img = img.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(img, dtype=np.float32).reshape(size[0], size[1], channels) / 255.0
+    """``[H, W, channels]`` float in [0, 1]: the image as the model sees it, evaluation's
+    resize + centre crop (:func:`~usfmae_fast.data.torch_loader.eval_geometry`) to ``size``
+    (height, width)."""
+    pixels = eval_geometry(tuple(size))(decode_image(Path(path).read_bytes(), channels))
+    return pixels.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
+
+
+def model_batch(paths: Sequence, channels: int, size, mean, std) -> torch.Tensor:
+    """The model's input ``[N, channels, H, W]``, prepared by evaluation's own
+    :func:`~usfmae_fast.data.torch_loader.eval_transform` (resize + centre crop, normalise)."""
+    transform = eval_transform(tuple(size), mean, std)
+    return torch.stack([transform(decode_image(Path(p).read_bytes(), channels)) for p in paths])
 
 
 def mask_index(masks: Path | None) -> dict[str, Path]:
@@ -61,13 +69,12 @@ def mask_index(masks: Path | None) -> dict[str, Path]:
 
 def find_mask(image: Path, masks: dict[str, Path], size) -> np.ndarray | None:
     """The lesion mask of ``image`` (same stem, or stem + "_mask", in :func:`mask_index`),
-    nonzero = lesion, resized (nearest) to ``size``; None when there is none."""
+    nonzero = lesion, resized (nearest) and cropped as its image; None when there is none."""
     candidate = masks.get(image.stem)
     if candidate is None:
         return None
-    with Image.open(candidate) as m:
-        m = m.convert("L").resize((size[1], size[0]), Image.NEAREST)
-        return np.asarray(m) > 0
+    mask = decode_image(candidate.read_bytes(), 1)
+    return eval_geometry(tuple(size), InterpolationMode.NEAREST)(mask)[0].numpy() > 0
 
 
 def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None,
@@ -91,12 +98,10 @@ def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None
     masks = mask_index(Path(masks) if masks is not None else None)
     out = Path(out)
     names, shown, shown_maps, shown_masks, records = [], [], [], [], []
-    norm = (torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
     for start in range(0, len(paths), GROUP):
         group = paths[start:start + GROUP]
         pixels = np.stack([load_image(p, channels, size) for p in group])
-        batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - norm[0]) / norm[1]
-        result = cam(batch.to(device), class_idx)
+        result = cam(model_batch(group, channels, size, mean, std).to(device), class_idx)
         maps = result.maps.cpu().numpy()
         probs = result.logits.softmax(dim=1).gather(1, result.targets[:, None])[:, 0].tolist()
         for path, image, heat, target, prob in zip(group, pixels, maps, result.targets.tolist(),
