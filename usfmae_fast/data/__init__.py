@@ -7,7 +7,7 @@ from importlib import import_module
 
 LOADER_BACKENDS = ("auto", "dali", "torch")  # make_loader's backend: "auto" = DALI when it runs
 
-_WHERE = {"DicomFrameError": ".dicom_frames", "load_demo_frames": ".dicom_frames",
+_WHERE = {"DicomFrameError": ".dicom_frames",
           "load_frames": ".dicom_frames", "read_gray_frames": ".dicom_frames",
           "ultrasound_test_files": ".dicom_frames", "make_loader": ".loader"}
 
