@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._lock import FolderBusy
+    from .runtime.lock import FolderBusy
 
     args = build_parser().parse_args(argv)
     try:

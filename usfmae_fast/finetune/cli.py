@@ -62,7 +62,7 @@ def _weights(items: list[str]) -> dict[str, str]:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .._lock import check_free
+    from ..runtime.lock import check_free
     from .engine import TrainConfig
     from .protocol import ProtocolConfig, prepare, quick_config, run_protocol
 

@@ -162,7 +162,7 @@ def autocast(device: torch.device, precision: str):
 def accelerate_vit(model: nn.Module) -> nn.Module:
     """The single call site of ``usfmae_fast.accelerate``: the timm ViT's attention runs our
     fused op (its original code wherever ours cannot, see ``_accelerate``)."""
-    from .._accelerate import accelerate
+    from .. import accelerate
     return accelerate(model)
 
 

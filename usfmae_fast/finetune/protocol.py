@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._lock import output_lock
+from ..runtime.lock import output_lock
 from .engine import (Preprocess, TrainConfig, predict_probs, resolve_device, short_names,
                      train_fold, write_predictions, write_rows)
 from .labels import LabelledSet, read_labels
@@ -220,7 +220,7 @@ def run_protocol(cfg: ProtocolConfig, plan: Plan | None = None) -> dict:
     """Cross-validation + test set for every model of ``cfg.models``; writes everything under
     ``cfg.out_dir`` and returns the report (also in ``report.json``). ``plan``: the result of
     :func:`prepare` when the caller has checked the inputs already. The folder is held for the
-    run (:class:`~usfmae_fast._lock.FolderBusy` if another run holds it)."""
+    run (:class:`~usfmae_fast.runtime.lock.FolderBusy` if another run holds it)."""
     plan = plan or prepare(cfg)
     with output_lock(cfg.out_dir, "finetune"):
         return _run_models(cfg, plan)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._lock import output_lock
+from ..runtime.lock import output_lock
 from . import checkpointing as ckpt
 from .config import PretrainConfig, dump_yaml, micro_batch_size, run_length
 from .data import build_data
@@ -399,7 +399,7 @@ class PretrainEngine:
 
 def pretrain(cfg: PretrainConfig, on_step=None) -> dict:
     """Run ``cfg`` in this process (joining torchrun's process group when there is one); rank 0
-    holds ``output.out_dir`` for the run (:class:`~usfmae_fast._lock.FolderBusy` if another run
+    holds ``output.out_dir`` for the run (:class:`~usfmae_fast.runtime.lock.FolderBusy` if another run
     does)."""
     ctx = setup(cfg.system.device)
     try:
