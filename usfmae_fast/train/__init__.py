@@ -6,7 +6,8 @@ from importlib import import_module
 
 _WHERE = {"CONFIG_PRESETS": ".config", "ConfigError": ".config", "PretrainConfig": ".config",
           "build_config": ".config", "PretrainEngine": ".engine", "TrainingDiverged": ".engine",
-          "pretrain": ".engine", "param_groups": ".optim", "warmup_cosine": ".optim"}
+          "pretrain": ".engine", "param_groups": "..runtime.optim",
+          "warmup_cosine": "..runtime.optim"}
 
 __all__ = sorted(_WHERE)
 
