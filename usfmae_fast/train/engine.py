@@ -39,9 +39,9 @@ from .distributed import (DistContext, all_reduce_mean, broadcast_object,
                           is_sharded, load_full_state, no_grad_sync, setup, teardown, wrap_model)
 from .monitor import RunMonitor, format_summary, throughput_summary
 from ..runtime.optim import WarmupCosineLR, build_optimizer
+from ..runtime.precision import torch_dtype
 from ..runtime.seed import seed_everything
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FINAL_WEIGHTS = "checkpoint.safetensors"
 
 
@@ -107,7 +107,7 @@ class PretrainEngine:
         ops.set_backend(s.ops_backend)
         self.out_dir = Path(cfg.output.out_dir)
         self.device = self.ctx.device
-        self.amp_dtype = AMP_DTYPES[s.precision]
+        self.amp_dtype = torch_dtype(s.precision)
         self.micro_batch = micro_batch_size(cfg, self.ctx.world_size)
         seed_everything(s.seed)  # the same initial weights on every rank
         self.data = build_data(cfg.data, img_size=cfg.model.img_size,
