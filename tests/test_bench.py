@@ -34,3 +34,16 @@ def test_bench_rejects_unknown_suite_and_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="suites_dir"):
         find_suites_dir(tmp_path)
     assert main(["bench", "--suites", "ops", "--suites-dir", str(tmp_path)]) == 2
+
+
+def test_bench_outside_a_checkout_says_what_it_needs(tmp_path, monkeypatch, capsys):
+    import usfmae_fast.bench as bench
+
+    installed = tmp_path / "site-packages" / "usfmae_fast"  # no benchmarks/ beside the package
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(bench, "__file__", str(installed / "bench.py"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "usfmae-fast bench:" in err and "checkout" in err and "--suites-dir" in err
+    assert "pytest-benchmark" in err

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from _tolerance import assert_within_twice_torch
 from usfmae_fast import ops
 from usfmae_fast.ops import _ext, reference
 
@@ -35,9 +36,7 @@ def _check(name, got, exact, torch_run, floor):
     if got.numel() == 0:
         return
     scale = max(1.0, exact.abs().max().item())
-    err = (got.double() - exact).abs().max().item()
-    allowed = 2 * (torch_run.double() - exact).abs().max().item() + floor * scale
-    assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
+    assert_within_twice_torch(name, got, exact, torch_run, floor * scale)
 
 
 # ---------------------------------------------------------------------------------- mae_loss

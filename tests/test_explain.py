@@ -367,6 +367,24 @@ def test_cli_scorecam_writes_maps_overlays_grid_and_scores(tmp_path):
                  "--out", str(out)]) == 2
 
 
+def test_scorecam_and_evaluation_feed_the_model_the_same_tensors(tmp_path):
+    from usfmae_fast.data.loader import make_loader
+    from usfmae_fast.explain.run import load_image, model_batch
+
+    rng = np.random.default_rng(1)  # not square: a stretch and a resize + centre crop differ
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    loader = make_loader(str(tmp_path), "eval", batch_size=1, img_size=32, channels=3,
+                         device="cpu", rank=0, world_size=1, mean=mean, std=std,
+                         backend="torch", workers=0)
+    evaluated, _ = next(iter(loader))
+    explained = model_batch([tmp_path / "a.png"], 3, (32, 32), mean, std)
+    assert torch.equal(explained, evaluated)
+    shown = torch.from_numpy(load_image(tmp_path / "a.png", 3, (32, 32))).permute(2, 0, 1)
+    normalised = (shown - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(normalised[None], evaluated, atol=1e-5, rtol=0)
+
+
 def test_load_classifier_formats_and_errors(tmp_path):
     import argparse
 

@@ -170,9 +170,9 @@ def test_embed_from_mae_and_classifier(finetuned, labels, mae_ckpt, tmp_path, ca
     encoder = MaskedAutoencoderViT(in_chans=1, **TINY_MAE)
     import safetensors.torch
     encoder.load_state_dict(safetensors.torch.load_file(mae_ckpt))
-    from usfmae_fast.finetune.inference import find_inputs, iter_frames
+    from usfmae_fast.finetune.inference import find_inputs, iter_input_frames
     from usfmae_fast.data.torch_loader import eval_transform
-    _, _, pixels = next(iter_frames(find_inputs([labels]), 1))
+    _, _, pixels = next(iter_input_frames(find_inputs([labels]), 1))
     x = eval_transform(32, 0.15, 0.2)(pixels)[None]
     expected = encoder.forward_features(x)[:, 1:].mean(dim=1)
     np.testing.assert_allclose(features[0], expected[0].detach().numpy(), atol=1e-5)

@@ -13,7 +13,7 @@ import torch
 
 from _finetune_data import TINY_MAE, make_labelled_set, tiny_mae_checkpoint
 from usfmae_fast.finetune.engine import (Preprocess, TrainConfig, _better, balanced_indices,
-                                         build_optimizer, predict_probs, soft_target_loss,
+                                         build_finetune_optimizer, predict_probs, soft_target_loss,
                                          train_fold)
 from usfmae_fast.finetune.labels import read_labels
 from usfmae_fast.finetune.models import (ModelSpec, ProbeHead, build_classifier,
@@ -22,7 +22,7 @@ from usfmae_fast.finetune.models import (ModelSpec, ProbeHead, build_classifier,
 from usfmae_fast.finetune.splits import kfold_splits
 from usfmae_fast.models import MaskedAutoencoderViT
 from usfmae_fast.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from usfmae_fast.train.optim import WarmupCosineLR
+from usfmae_fast.runtime.optim import WarmupCosineLR
 
 
 
@@ -148,7 +148,7 @@ def test_linear_probe_freezes_encoder_and_saves_a_plain_head(tmp_path, mae_ckpt)
 def test_layer_decay_only_for_pretrained_vits(mae_ckpt):
     cfg = quick_train(layer_decay=0.5)
     pretrained = build_classifier(model_spec("usfmae", str(mae_ckpt)), 2, img_size=32)
-    opt = build_optimizer(pretrained, model_spec("usfmae", str(mae_ckpt)), cfg, lr=1e-3)
+    opt = build_finetune_optimizer(pretrained, model_spec("usfmae", str(mae_ckpt)), cfg, lr=1e-3)
     scales = sorted({g["lr_scale"] for g in opt.param_groups})
     assert scales == pytest.approx([0.5 ** 3, 0.5 ** 2, 0.5, 1.0])  # embed, 2 blocks, head
     sched = WarmupCosineLR(opt, 1e-3, 0.0, warmup_steps=2, total_steps=10)
@@ -156,7 +156,7 @@ def test_layer_decay_only_for_pretrained_vits(mae_ckpt):
         assert group["lr"] == pytest.approx(sched.lr * group["lr_scale"])
     scratch_spec = model_spec("vit_scratch", str(mae_ckpt))
     scratch = build_classifier(scratch_spec, 2, img_size=32)
-    assert all("lr_scale" not in g for g in build_optimizer(scratch, scratch_spec, cfg,
+    assert all("lr_scale" not in g for g in build_finetune_optimizer(scratch, scratch_spec, cfg,
                                                             1e-3).param_groups)
 
 

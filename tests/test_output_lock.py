@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from usfmae_fast._lock import LOCK_NAME, FolderBusy, output_lock
+from usfmae_fast.runtime.lock import LOCK_NAME, FolderBusy, output_lock
 from usfmae_fast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import os, sys, time
-from usfmae_fast._lock import output_lock
+from usfmae_fast.runtime.lock import output_lock
 with output_lock(sys.argv[1], "holder"):
     if len(sys.argv) > 2:  # a forked child (as a DataLoader worker) that outlives us
         child = os.fork()
@@ -126,7 +126,7 @@ def test_lock_is_reentrant_in_a_process_and_released_on_exit(tmp_path):
             record = json.loads((out / LOCK_NAME).read_text())
             assert (record["pid"], record["command"]) == (os.getpid(), "outer")
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys\nfrom usfmae_fast._lock import output_lock\n"
+            [sys.executable, "-c", "import sys\nfrom usfmae_fast.runtime.lock import output_lock\n"
              "with output_lock(sys.argv[1], 'probe'): pass", str(out)],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
         assert probe.returncode == 1 and "FolderBusy" in probe.stderr

@@ -291,7 +291,7 @@ def test_checkpoints_are_pruned_and_a_damaged_newest_is_skipped(tmp_path):
     assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
     with pytest.raises(ValueError, match="not a usfmae-fast training checkpoint"):
         torch.save({"model": {}}, tmp_path / "weights.pt")
-        ckpt.load_checkpoint(tmp_path / "weights.pt")
+        ckpt.load_training_state(tmp_path / "weights.pt")
 
 
 def test_rng_states_round_trip():

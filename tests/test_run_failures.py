@@ -150,7 +150,7 @@ def test_nan_guard_names_a_checkpoint_that_a_lower_lr_trains_on_from(images, tmp
     with pytest.raises(TrainingDiverged, match="3 steps in a row") as info:
         pretrain(tiny_config(images, run, **divergent))
     named = re.search(r"last good checkpoint.* is (\S+\.pt)\.", str(info.value)).group(1)
-    rows, payload = read_history(run / "history.csv"), ckpt.load_checkpoint(named)
+    rows, payload = read_history(run / "history.csv"), ckpt.load_training_state(named)
 
     summary = pretrain(tiny_config(images, run, **{**divergent, "optim.lr": 1e-4,
                                                    "output.resume": named}))

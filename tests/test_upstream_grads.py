@@ -13,6 +13,7 @@ floor.
 import pytest
 import torch
 
+from _tolerance import assert_within_twice_torch
 from conftest import usable_backends
 from usfmae_fast import ops
 from usfmae_fast.ops import reference
@@ -64,9 +65,7 @@ def _assert_close(name, got, exact, low_precision_run, floor, scale):
     if got.numel() == 0:
         return
     assert torch.isfinite(got).all(), f"{name}: not finite"
-    err = (got.double() - exact).abs().max().item()
-    allowed = 2 * (low_precision_run.double() - exact).abs().max().item() + floor * scale
-    assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
+    assert_within_twice_torch(name, got, exact, low_precision_run, floor * scale)
 
 
 def _check(op_fn, reference_fn, inputs, upstream, dtype):

@@ -34,8 +34,9 @@ def find_suites_dir(suites_dir=None) -> Path:
             return path
     raise FileNotFoundError(
         f"suites_dir: no benchmarks/ folder with conftest.py and summarize.py at "
-        f"{', '.join(map(str, candidates))}; run from a checkout of usfmae_fast or pass "
-        "--suites-dir")
+        f"{', '.join(map(str, candidates))}. The suites are not installed with the package: "
+        "run from a checkout of usfmae_fast (its benchmarks/ folder) or pass --suites-dir, "
+        "with pytest and pytest-benchmark installed (pip install 'usfmae_fast[test]')")
 
 
 def git_commit(repo) -> str | None:

@@ -3,12 +3,45 @@
 ``ingest`` (raw ultrasound files -> clean images + manifest.csv), ``pretrain`` (the MAE
 pretraining engine; several processes through ``torchrun ... -m usfmae_fast.cli pretrain``),
 ``scorecam`` (heatmaps of a classifier's decisions), ``finetune`` / ``evaluate`` / ``predict`` /
-``embed`` (the clinical protocol, in ``finetune/cli.py``), ``bench`` (the benchmark suites)."""
+``embed`` (the clinical protocol, in ``finetune/cli.py``), ``bench`` (the benchmark suites).
+
+Exit codes (every command): 0 done; 2 bad input (arguments, labels, configs, checkpoints,
+missing files, an output folder another run holds), reported before the work starts; 1 the
+work failed (files ingest could not read with --strict, a failed selftest or bench suite,
+any unexpected error); 3 a run that stopped itself (pretraining diverged). The reason is
+printed on stderr as "usfmae-fast COMMAND: ..."."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import contextmanager
+
+EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 3
+INPUT_ERRORS = (ValueError, FileNotFoundError)  # LabelError, SplitError, ConfigError: ValueErrors
+
+
+class CommandExit(Exception):
+    """Ends a command with ``code``; :func:`main` prints ``error`` on stderr."""
+
+    def __init__(self, code: int, error: BaseException):
+        super().__init__(str(error))
+        self.code, self.error = code, error
+
+
+@contextmanager
+def exit_on(bad_input: tuple = INPUT_ERRORS, failure: tuple = (), stopped: tuple = ()):
+    """The one error-to-exit mapping: an exception of ``bad_input`` / ``failure`` /
+    ``stopped`` raised in the block ends the command with 2 / 1 / 3 (see the module
+    docstring); anything else propagates."""
+    try:
+        yield
+    except bad_input as exc:
+        raise CommandExit(EXIT_BAD_INPUT, exc) from exc
+    except failure as exc:
+        raise CommandExit(EXIT_FAILURE, exc) from exc
+    except stopped as exc:
+        raise CommandExit(EXIT_STOPPED, exc) from exc
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -24,16 +57,15 @@ def _selftest(args: argparse.Namespace) -> int:
                                _backend.BACKENDS), ("--dtype", args.dtype, _trust.DTYPES)):
         unknown = sorted(set(given or ()) - set(known))
         if unknown:
-            print(f"usfmae-fast selftest: {flag} {', '.join(unknown)} is not one of "
-                  f"{', '.join(sorted(known))}", file=sys.stderr)
-            return 2
+            raise CommandExit(EXIT_BAD_INPUT, ValueError(
+                f"{flag} {', '.join(unknown)} is not one of {', '.join(sorted(known))}"))
     rows = _trust.selftest(args.op, args.backend, args.dtype)
     failed = any(r["status"] == "fail" for r in rows)
     if args.json:
         print(json.dumps({"passed": not failed, "rows": rows}, indent=2))
     else:
         print(_trust.render(rows))
-    return 1 if failed else 0
+    return EXIT_FAILURE if failed else 0
 
 
 def _add_selftest(sub) -> None:
@@ -58,11 +90,8 @@ def _demo(args: argparse.Namespace) -> int:
               "progress": not args.quiet}
     given = {k: v for k, v in fields.items() if v is not None}
     cfg = DemoConfig.quick(**given) if args.quick else DemoConfig(**given)
-    try:
+    with exit_on(bad_input=(ValueError,)):  # bad labels / splits / settings, before training
         run_demo(cfg)
-    except ValueError as exc:  # bad labels / splits / settings, raised before any training
-        print(f"usfmae-fast demo: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 
@@ -91,7 +120,7 @@ def _add_demo(sub) -> None:
 
 def _ingest(args: argparse.Namespace) -> int:
     from .data.ingest import IngestError, ingest
-    try:
+    with exit_on(bad_input=(), failure=(IngestError,)):
         summary = ingest(args.sources, args.out, workers=args.workers,
                          shard_size=args.shard_size, strict=args.strict,
                          progress=not args.quiet, max_side=args.max_side,
@@ -100,9 +129,6 @@ def _ingest(args: argparse.Namespace) -> int:
                          nifti_axis=args.nifti_axis, crop=not args.no_crop,
                          remove_text=not args.no_inpaint, near_dup_bits=args.near_dup_bits,
                          max_pixels=args.max_pixels)
-    except IngestError as exc:
-        print(f"usfmae-fast ingest: {exc}", file=sys.stderr)
-        return 1
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -171,19 +197,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["output.progress"] = False
     if args.epochs is not None and args.steps is None:
         overrides["optim.steps"] = None  # the run length in epochs, not a preset's steps
-    try:
+    with exit_on(bad_input=(ConfigError,)):
         cfg = build_config(args.preset, args.config, {**overrides, **_dotted(args.set or [])})
-    except ConfigError as exc:
-        print(f"usfmae-fast pretrain: {exc}", file=sys.stderr)
-        return 2
-    try:
+    with exit_on(bad_input=(FileExistsError, FileNotFoundError, CheckpointError),  # --out /
+                 stopped=(TrainingDiverged,)):               # --data / --resume / --init-from
         summary = pretrain(cfg)
-    except (FileExistsError, FileNotFoundError, CheckpointError) as exc:  # --out / --data /
-        print(f"usfmae-fast pretrain: {exc}", file=sys.stderr)  # --resume / --init-from
-        return 2
-    except TrainingDiverged as exc:
-        print(f"usfmae-fast pretrain: {exc}", file=sys.stderr)
-        return 3
     if "artefacts" in summary and not args.quiet:
         for name, path in summary["artefacts"].items():
             print(f"  {name:15s} {path}")
@@ -196,13 +214,14 @@ def _dotted(items: list[str]) -> dict:
 
 
 def _add_pretrain(sub) -> None:
-    from .train.config import PRECISIONS, PRESETS
+    from .runtime.precision import PRECISIONS
+    from .train.config import CONFIG_PRESETS
     p = sub.add_parser("pretrain", help="MAE pretraining (DDP via torchrun, exact resume, logs, "
                        "figures)", description="Config: defaults <- --preset <- --config <- "
                        "flags <- --set section.field=value (fields: see usfmae_fast/train/"
                        "config.py).")
     p.add_argument("--config", help="YAML file of sections model/data/optim/system/output")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a recipe (default: mae)")
+    p.add_argument("--preset", choices=sorted(CONFIG_PRESETS), help="a recipe (default: mae)")
     p.add_argument("--data", help="'demo' (pydicom-data frames), an ingest folder, "
                    "manifest.csv or .tar shards")
     p.add_argument("--out", help="run folder: logs, checkpoints, figures")
@@ -234,17 +253,16 @@ def _add_pretrain(sub) -> None:
 
 
 def _add_scorecam(sub) -> None:
+    from .runtime.precision import PRECISIONS
+
     def run(args: argparse.Namespace) -> int:
         from .explain.run import explain_images
-        try:
+        with exit_on():
             summary = explain_images(
                 args.ckpt, args.images, args.out, model_name=args.model, class_idx=args.class_idx,
                 target_layer=args.layer, masks=args.masks, device=args.device, dtype=args.dtype,
                 score=args.score, weights=args.weights, batch_size=args.batch_size,
                 tolerance=args.tolerance, colormap=args.colormap, alpha=args.alpha)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"usfmae-fast scorecam: {exc}", file=sys.stderr)
-            return 2
         print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2))
         return 0
 
@@ -252,8 +270,8 @@ def _add_scorecam(sub) -> None:
                        "(+ pointing game / energy in lesion masks)",
                        description="Score-CAM of a timm classifier checkpoint (safetensors or "
                        ".pth/.pt state dict with its head; the architecture from --model or the "
-                       "checkpoint's 'arch' entry; see usfmae_fast.explain.run) on PNG / JPEG "
-                       "images resized to the model's input. Writes OUT/heatmaps/*.npy, "
+                       "checkpoint's 'arch' entry; see usfmae_fast.models.classifier) on PNG / "
+                       "JPEG images resized to the model's input. Writes OUT/heatmaps/*.npy, "
                        "OUT/overlays/*.png, OUT/grid.png and OUT/summary.json.")
     p.add_argument("--ckpt", required=True, help="classifier checkpoint (.safetensors/.pth/.pt)")
     p.add_argument("--images", required=True, nargs="+", metavar="PATH",
@@ -275,7 +293,7 @@ def _add_scorecam(sub) -> None:
     p.add_argument("--weights", choices=["softmax", "raw"], default="softmax", help="channel "
                    "weights: softmax of the scores (grad-cam) or the scores (paper) "
                    "(default: %(default)s)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+    p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
                    help="autocast precision of the forward passes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="masked inputs per forward pass (default: from the memory budget)")
@@ -291,14 +309,11 @@ def _add_bench(sub) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from .bench import run_bench
-        try:
+        with exit_on():
             provenance = run_bench(args.suites, args.out, suites_dir=args.suites_dir,
                                    select=args.select)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"usfmae-fast bench: {exc}", file=sys.stderr)
-            return 2
         failed = [r["file"] for r in provenance["suites"] if r["status"].startswith("failed")]
-        return 1 if failed else 0
+        return EXIT_FAILURE if failed else 0
 
     p = sub.add_parser("bench", help="run the benchmark suites that fit this device; JSON, "
                        "summary table, plot and provenance", description="Runs benchmarks/"
@@ -333,14 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._lock import FolderBusy
+    from .runtime.lock import FolderBusy
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except FolderBusy as exc:  # ingest, pretrain, finetune, demo: one run per output folder
-        print(f"usfmae-fast {args.command}: {exc}", file=sys.stderr)
-        return 2
+        with exit_on(bad_input=(FolderBusy,)):  # one run per output folder
+            return args.func(args)
+    except CommandExit as stop:
+        print(f"usfmae-fast {args.command}: {stop.error}", file=sys.stderr)
+        return stop.code
 
 
 if __name__ == "__main__":

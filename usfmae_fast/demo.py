@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._lock import output_lock
+from .runtime.lock import output_lock
 
 DEMO_SET = Path(__file__).resolve().parent / "demo_data" / "bmode_sim"
 LESION_CLASSES = ("cyst", "solid")
@@ -275,7 +275,7 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
-    """Run every stage into ``cfg.out_dir`` (held for the run: :class:`~._lock.FolderBusy` if
+    """Run every stage into ``cfg.out_dir`` (held for the run: :class:`~.runtime.lock.FolderBusy` if
     another run holds it); returns the report (also ``report.json``)."""
     cfg = (cfg or DemoConfig()).validate()
     with output_lock(cfg.out_dir, "demo"):

@@ -5,7 +5,9 @@ The names below are imported on first use: ``ingest`` and its worker processes i
 package, and must not pay for torch (about 600 MB per process) that only the loaders need."""
 from .._lazy import lazy_exports
 
-_WHERE = {"DicomFrameError": ".dicom_frames", "load_demo_frames": ".dicom_frames",
+LOADER_BACKENDS = ("auto", "dali", "torch")  # make_loader's backend: "auto" = DALI when it runs
+
+_WHERE = {"DicomFrameError": ".dicom_frames",
           "load_frames": ".dicom_frames", "read_gray_frames": ".dicom_frames",
           "ultrasound_test_files": ".dicom_frames", "make_loader": ".loader"}
 

@@ -17,7 +17,7 @@ import os
 import struct
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -356,11 +356,3 @@ def load_frames(paths: Iterable[PathLike], max_frames_per_file: int | None = Non
              report["frames"], report["files_used"], report["files"],
              report["duplicates_dropped"], len(report["skipped"]))
     return frames, report
-
-
-def load_demo_frames(max_frames_per_file: int | None = 16, dedupe: bool = True,
-                     paths: Sequence[PathLike] | None = None) -> list[np.ndarray]:
-    """Grayscale frames of every pydicom-data ultrasound file (see :func:`load_frames`)."""
-    frames, _ = load_frames(ultrasound_test_files() if paths is None else paths,
-                            max_frames_per_file=max_frames_per_file, dedupe=dedupe)
-    return frames

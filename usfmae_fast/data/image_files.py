@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 PathLike = str | os.PathLike
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PNG_JPEG_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKS = ("header", "full", "none")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -141,7 +141,7 @@ def check_images(records: list[ImageRecord], check: str = "header",
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
+    return name.lower().endswith(PNG_JPEG_SUFFIXES)
 
 
 def _from_csv(csv_path: Path) -> list[ImageRecord]:
@@ -154,7 +154,8 @@ def _from_csv(csv_path: Path) -> list[ImageRecord]:
     return [ImageRecord(str((root / n).resolve()), Path(n).as_posix()) for n in names]
 
 
-def _from_directory(root: Path) -> list[ImageRecord]:
+def image_records_in(root: Path) -> list[ImageRecord]:
+    """Every image file below ``root``, in sorted order, named relative to it."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
     return [ImageRecord(str(p.resolve()), p.relative_to(root).as_posix()) for p in files]
 
@@ -196,7 +197,8 @@ def _expand(source) -> list[Path]:
     return [Path(p) for p in source]
 
 
-def _class_names(values: set[str]) -> list[str]:
+def sort_class_names(values: set[str]) -> list[str]:
+    """Class names in order: numerically when every name is an integer."""
     try:
         return sorted(values, key=int)
     except ValueError:
@@ -244,7 +246,7 @@ def load_image_list(source, labels: str | PathLike | None = None,
         records, cls = _from_shards(paths)
     elif len(paths) == 1 and paths[0].is_dir():
         manifest = paths[0] / "manifest.csv"
-        records = _from_csv(manifest) if manifest.is_file() else _from_directory(paths[0])
+        records = _from_csv(manifest) if manifest.is_file() else image_records_in(paths[0])
         if not records and (shards := sorted(paths[0].glob("*.tar"))):
             records, cls = _from_shards(shards)
     elif len(paths) == 1 and paths[0].suffix == ".csv":
@@ -262,7 +264,7 @@ def load_image_list(source, labels: str | PathLike | None = None,
         if unlabelled:
             warnings.warn(f"{len(unlabelled)} image(s) have no label in {labels} and are left "
                           f"out, e.g. {unlabelled[:3]}", stacklevel=2)
-        classes = _class_names({n for n in names if n is not None})
+        classes = sort_class_names({n for n in names if n is not None})
         index = {c: i for i, c in enumerate(classes)}
         records = [replace(r, label=index[n]) for r, n in zip(records, names) if n is not None]
     records = check_images(records, check)

@@ -72,8 +72,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from .._files import atomic_write
-from .._lock import output_lock
+from ..runtime.files import atomic_write
+from ..runtime.lock import output_lock
 from .dicom_frames import PathLike
 from .readers import open_source
 
@@ -381,7 +381,7 @@ def ingest(sources: Iterable[PathLike] | PathLike, out: PathLike, *, workers: in
     ``frames_written``, ``empty_frames``, ``exact_duplicates``, ``near_duplicates``,
     ``duplicates_removed``, ``manifest_rows``, ``shards``, ``seconds``. With ``strict``, raises
     :class:`IngestError` after the run when any file failed. ``out`` is held for the whole run
-    (:class:`usfmae_fast._lock.FolderBusy` when another run holds it)."""
+    (:class:`usfmae_fast.runtime.lock.FolderBusy` when another run holds it)."""
     with output_lock(out, "ingest"):
         return _ingest(sources, out, workers=workers, shard_size=shard_size, strict=strict,
                        progress=progress, **options)

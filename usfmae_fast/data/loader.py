@@ -13,16 +13,17 @@ import warnings
 
 import torch
 
+from ..runtime.device import resolve_device
+from . import LOADER_BACKENDS
 from .dali import DaliImageLoader, dali_available
 from .image_files import load_image_list
 from .torch_loader import SCALE, US_MEAN, US_STD, EpochLoader, LoaderConfig, Stat, TorchImageLoader
 
-BACKENDS = ("auto", "dali", "torch")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in LOADER_BACKENDS:
+        raise ValueError(f"backend must be one of {LOADER_BACKENDS}, got {backend!r}")
     ok, why = dali_available()
     if backend == "dali" and not ok:
         raise ImportError(f"backend='dali' needs nvidia-dali-cuda130: {why}")
@@ -56,8 +57,7 @@ def make_loader(source, kind: str = "pretrain", *, batch_size: int = 64, img_siz
     ``check``: ``"header"``, ``"full"`` or ``"none"``, how files are checked up front.
     """
     images = load_image_list(source, labels=labels, check=check)
-    device = torch.device(device if device is not None else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     default_rank, default_world = _distributed()
     cfg = LoaderConfig(kind=kind, batch_size=batch_size, img_size=img_size, channels=channels,
                        dtype=dtype, device=device, seed=seed,

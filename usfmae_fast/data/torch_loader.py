@@ -62,13 +62,21 @@ def train_transform(img_size: int, mean: Stat = US_MEAN, std: Stat = US_STD,
     return v2.Compose(steps + [_to_normalised(mean, std)])
 
 
-def eval_transform(img_size: int, mean: Stat = US_MEAN, std: Stat = US_STD) -> v2.Compose:
-    """Deterministic: short side to ``img_size`` (bicubic), then a centred square crop."""
+def eval_geometry(size: int | tuple[int, int],
+                  interpolation: InterpolationMode = InterpolationMode.BICUBIC) -> v2.Compose:
+    """Deterministic: short side to ``size`` (its larger side when a (height, width) pair),
+    then a centred crop of ``size``; evaluation, prediction and Score-CAM all use it."""
+    height, width = (size, size) if isinstance(size, int) else size
     return v2.Compose([
-        v2.Resize(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(img_size),
-        _to_normalised(mean, std),
+        v2.Resize(max(height, width), interpolation=interpolation, antialias=True),
+        v2.CenterCrop((height, width)),
     ])
+
+
+def eval_transform(img_size: int | tuple[int, int], mean: Stat = US_MEAN,
+                   std: Stat = US_STD) -> v2.Compose:
+    """:func:`eval_geometry` (bicubic), then float in [0, 1] normalised with mean / std."""
+    return v2.Compose([eval_geometry(img_size), _to_normalised(mean, std)])
 
 
 def _to_normalised(mean: Stat, std: Stat) -> v2.Compose:

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.classifier import expected_input
+from ..runtime.precision import PRECISIONS, torch_dtype
+
 Reshape = Callable[[torch.Tensor], torch.Tensor]
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+TORCH_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # also accepted
 SCORES = ("logit", "softmax")
 
 
@@ -96,21 +98,11 @@ def find_layer(model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
 
 
 def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
+    if isinstance(dtype, str) and TORCH_NAMES.get(dtype, dtype) in PRECISIONS:
+        return torch_dtype(TORCH_NAMES.get(dtype, dtype))
     if dtype in (torch.float32, torch.float16, torch.bfloat16):
         return dtype
     raise ValueError(f"dtype must be one of fp32, fp16, bf16 (or the torch dtypes), got {dtype!r}")
-
-
-def expected_input(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
-    """``(channels, (height, width) or None when any size works)`` of a timm ViT or a CNN."""
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "proj"):
-        size = None if getattr(model, "dynamic_img_size", False) else tuple(patch_embed.img_size)
-        return patch_embed.proj.in_channels, size
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return (first.in_channels if first is not None else None), None
 
 
 def select_scores(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..train.figures import _pyplot, save_figure
+from ..runtime.figures import pyplot, save_figure
 
 
 def _rgb(image) -> np.ndarray:
@@ -61,7 +61,7 @@ def save_grid(images: Sequence, maps, path, titles: Sequence[str] | None = None,
     (the side-by-side comparison, e.g. ViT Score-CAM vs DenseNet-169 Score-CAM). ``masks``
     (optional, ``None`` entries allowed) are outlined in white.
     """
-    plt = _pyplot()
+    plt = pyplot()
     count = len(images)
     methods = dict(maps) if isinstance(maps, Mapping) else {"": maps}
     for name, stack in methods.items():

@@ -1,91 +1,27 @@
-"""What ``usfmae-fast scorecam`` does: load a timm classifier checkpoint and image files, write
-heatmaps, overlays, a grid figure and (with lesion masks) localisation scores.
-
-Accepted checkpoints (``ckpt``): a state dict of a timm classifier *with its head*, as
-``.safetensors`` or a ``torch.save`` file (``.pth`` / ``.pt``; read with ``weights_only=True``),
-bare or under "model" / "state_dict" (timm's ``train.py`` checkpoints, DDP / compile prefixes
-stripped). The architecture is the timm model name ``model_name`` (``--model``), or the
-checkpoint's "arch" entry (timm ``train.py`` writes one; in safetensors: metadata "arch"), with
-optional extra ``create_model`` kwargs in "model_kwargs" (a dict, or JSON in safetensors
-metadata). ``num_classes`` is read off the head, a ViT's ``img_size`` off its position embedding.
-USF-MAE encoders exported with ``export_timm`` and fine-tuned with a head load as
-``usfmae_vit_{size}_patch16_224``; DenseNet-169 baselines as timm's ``densenet169``.
+"""What ``usfmae-fast scorecam`` does: load a timm classifier checkpoint (any format
+:mod:`usfmae_fast.models.classifier` reads) and image files, write heatmaps, overlays, a grid
+figure and (with lesion masks) localisation scores.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import nn
+from torchvision.transforms import InterpolationMode
 
-from ..models.checkpoint import _unwrap, load_state_dict, read_file
+from ..data.image_files import PNG_JPEG_SUFFIXES
+from ..data.torch_loader import decode_image, eval_geometry, eval_transform
+from ..models.classifier import load_classifier, model_input
+from ..runtime.device import resolve_device
 from .figures import save_grid, save_overlay
 from .localization import energy_in_mask, pointing_game
 from .scorecam import ScoreCAM
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GROUP = 16        # images explained per ScoreCAM call
 GRID_IMAGES = 32  # images shown in grid.png
-
-
-def read_classifier(path) -> tuple[dict, dict]:
-    """``(state_dict, meta)``; meta holds "arch" and "model_kwargs" when the file names them."""
-    path = Path(path)
-    checkpoint, metadata = read_file(path, "ckpt:")
-    if path.suffix == ".safetensors":
-        meta = {k: metadata[k] for k in ("arch", "model_kwargs") if k in metadata}
-        if "model_kwargs" in meta:
-            meta["model_kwargs"] = json.loads(meta["model_kwargs"])
-    else:
-        meta = ({k: checkpoint[k] for k in ("arch", "model_kwargs") if k in checkpoint}
-                if isinstance(checkpoint, dict) else {})
-    return _unwrap(checkpoint, path), meta
-
-
-def _vit_img_size(state_dict: dict) -> int | None:
-    if "pos_embed" not in state_dict or "patch_embed.proj.weight" not in state_dict:
-        return None
-    tokens = state_dict["pos_embed"].shape[1]
-    prefix = int("cls_token" in state_dict) + (state_dict["reg_token"].shape[1]
-                                                 if "reg_token" in state_dict else 0)
-    for patches in (tokens - prefix, tokens):  # timm's no_embed_class keeps only patches
-        side = math.isqrt(patches)
-        if side * side == patches:
-            return side * state_dict["patch_embed.proj.weight"].shape[-1]
-    return None
-
-
-def load_classifier(path, model_name: str | None = None, **model_kwargs) -> nn.Module:
-    """A timm classifier built from ``model_name`` (or the checkpoint's "arch") with the
-    checkpoint's weights, in eval mode (see the module docstring for the formats)."""
-    import timm
-
-    from .. import models  # noqa: F401 - registers the usfmae_vit_* names with timm
-    state_dict, meta = read_classifier(path)
-    name = model_name or meta.get("arch")
-    if not name:
-        raise ValueError(f"model: {str(path)!r} does not name its architecture (no 'arch' "
-                         "entry); pass a timm model name, e.g. usfmae_vit_base_patch16_224 "
-                         "or densenet169")
-    if not timm.is_model(name):
-        raise ValueError(f"model: {name!r} is not a timm model name")
-    cfg = timm.models.get_pretrained_cfg(name)
-    head = getattr(cfg, "classifier", None) or "head"
-    if f"{head}.weight" not in state_dict:
-        raise ValueError(f"ckpt: {str(path)!r} has no classification head ('{head}.weight'); "
-                         "Score-CAM explains a classifier's class scores")
-    kwargs = dict(num_classes=state_dict[f"{head}.weight"].shape[0])
-    img_size = _vit_img_size(state_dict)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    model = timm.create_model(name, pretrained=False,
-                              **{**kwargs, **meta.get("model_kwargs", {}), **model_kwargs})
-    return load_state_dict(model, state_dict).eval()
 
 
 def find_images(sources: Sequence) -> list[Path]:
@@ -93,7 +29,7 @@ def find_images(sources: Sequence) -> list[Path]:
     found = []
     for source in map(Path, sources):
         if source.is_dir():
-            found += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in source.rglob("*") if p.suffix.lower() in PNG_JPEG_SUFFIXES)
         elif source.is_file():
             found.append(source)
         else:
@@ -103,26 +39,19 @@ def find_images(sources: Sequence) -> list[Path]:
     return found
 
 
-def model_input(model: nn.Module) -> tuple[int, tuple[int, int], tuple, tuple]:
-    """``(channels, (height, width), mean, std)`` the model's images are prepared with."""
-    from .cam import expected_input
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels, size = expected_input(model)
-    default = tuple(cfg.get("input_size", (3, 224, 224)))
-    channels = channels or default[0]
-    mean = tuple(cfg.get("mean", (0.5,) * channels))
-    std = tuple(cfg.get("std", (0.5,) * channels))
-    if len(mean) != channels:  # a gray model with RGB statistics: their average
-        mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
-    return channels, size or default[1:], mean, std
-
-
 def load_image(path, channels: int, size) -> np.ndarray:
-    """``[H, W, channels]`` float in [0, 1], resized (bilinear) to ``size`` (height, width)."""
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        img = img.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(img, dtype=np.float32).reshape(size[0], size[1], channels) / 255.0
+    """``[H, W, channels]`` float in [0, 1]: the image as the model sees it, evaluation's
+    resize + centre crop (:func:`~usfmae_fast.data.torch_loader.eval_geometry`) to ``size``
+    (height, width)."""
+    pixels = eval_geometry(tuple(size))(decode_image(Path(path).read_bytes(), channels))
+    return pixels.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
+
+
+def model_batch(paths: Sequence, channels: int, size, mean, std) -> torch.Tensor:
+    """The model's input ``[N, channels, H, W]``, prepared by evaluation's own
+    :func:`~usfmae_fast.data.torch_loader.eval_transform` (resize + centre crop, normalise)."""
+    transform = eval_transform(tuple(size), mean, std)
+    return torch.stack([transform(decode_image(Path(p).read_bytes(), channels)) for p in paths])
 
 
 def mask_index(masks: Path | None) -> dict[str, Path]:
@@ -132,7 +61,7 @@ def mask_index(masks: Path | None) -> dict[str, Path]:
         return {}
     if not masks.is_dir():
         raise FileNotFoundError(f"masks: {str(masks)!r} is not a folder")
-    files = sorted(p for p in masks.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in masks.rglob("*") if p.suffix.lower() in PNG_JPEG_SUFFIXES)
     index = {p.stem.removesuffix("_mask"): p for p in files if p.stem.endswith("_mask")}
     index.update({p.stem: p for p in files if not p.stem.endswith("_mask")})
     return index
@@ -140,13 +69,12 @@ def mask_index(masks: Path | None) -> dict[str, Path]:
 
 def find_mask(image: Path, masks: dict[str, Path], size) -> np.ndarray | None:
     """The lesion mask of ``image`` (same stem, or stem + "_mask", in :func:`mask_index`),
-    nonzero = lesion, resized (nearest) to ``size``; None when there is none."""
+    nonzero = lesion, resized (nearest) and cropped as its image; None when there is none."""
     candidate = masks.get(image.stem)
     if candidate is None:
         return None
-    with Image.open(candidate) as m:
-        m = m.convert("L").resize((size[1], size[0]), Image.NEAREST)
-        return np.asarray(m) > 0
+    mask = decode_image(candidate.read_bytes(), 1)
+    return eval_geometry(tuple(size), InterpolationMode.NEAREST)(mask)[0].numpy() > 0
 
 
 def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None,
@@ -157,7 +85,7 @@ def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None
     """Score-CAM of every image; writes ``heatmaps/<name>.npy`` (float32 [H, W] in [0, 1]),
     ``overlays/<name>.png``, ``grid.png`` (the first 32) and ``summary.json``; returns the
     summary (per image: class explained, its probability, localisation scores with a mask)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model = load_classifier(ckpt, model_name).to(device)
     channels, size, mean, std = model_input(model)
     classes = model.num_classes
@@ -170,12 +98,10 @@ def explain_images(ckpt, images: Sequence, out, *, model_name: str | None = None
     masks = mask_index(Path(masks) if masks is not None else None)
     out = Path(out)
     names, shown, shown_maps, shown_masks, records = [], [], [], [], []
-    norm = (torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
     for start in range(0, len(paths), GROUP):
         group = paths[start:start + GROUP]
         pixels = np.stack([load_image(p, channels, size) for p in group])
-        batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - norm[0]) / norm[1]
-        result = cam(batch.to(device), class_idx)
+        result = cam(model_batch(group, channels, size, mean, std).to(device), class_idx)
         maps = result.maps.cpu().numpy()
         probs = result.logits.softmax(dim=1).gather(1, result.targets[:, None])[:, 0].tolist()
         for path, image, heat, target, prob in zip(group, pixels, maps, result.targets.tolist(),

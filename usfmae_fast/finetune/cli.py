@@ -1,15 +1,18 @@
 """``usfmae-fast finetune | evaluate | predict | embed`` (registered by ``usfmae_fast.cli``).
 
 Bad input (labels, classes, splits, checkpoints, model names, hyper-parameters) is reported
-before any training, on stderr, with exit code 2.
+before any training, on stderr, with exit code 2 (the mapping of ``usfmae_fast.cli.exit_on``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-INPUT_ERRORS = (ValueError, FileNotFoundError)  # LabelError and SplitError are ValueErrors
+from ..cli import exit_on
+from ..data import LOADER_BACKENDS
+from ..data.image_files import CHECKS
+from ..runtime.precision import FINETUNE_PRECISIONS
+
 
 # TrainConfig fields settable by a flag of the same name (dashes for underscores)
 TRAIN_FLAGS = {
@@ -41,12 +44,7 @@ TRAIN_FLAGS = {
     "threads": (int, "torch CPU threads"),
 }
 TRAIN_CHOICES = {"imbalance": ("none", "weights", "sampler"), "global_pool": ("avg", "token"),
-                 "precision": ("auto", "bf16", "fp32"), "backend": ("auto", "dali", "torch")}
-
-
-def _fail(command: str, exc: Exception) -> int:
-    print(f"usfmae-fast {command}: {exc}", file=sys.stderr)
-    return 2
+                 "precision": FINETUNE_PRECISIONS, "backend": LOADER_BACKENDS}
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -64,7 +62,7 @@ def _weights(items: list[str]) -> dict[str, str]:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .._lock import check_free
+    from ..runtime.lock import check_free
     from .engine import TrainConfig
     from .protocol import ProtocolConfig, prepare, quick_config, run_protocol
 
@@ -75,7 +73,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.quiet:
         train["progress"] = False
     check_free(args.out)  # a second run into a busy folder fails now, not after the checks
-    try:
+    with exit_on():
         protocol = {k: v for k, v in dict(
             models=_names(args.models), init=args.init, weights=_weights(args.weights or []),
             classes=_names(args.classes), test_labels=args.test_labels, folds=args.folds,
@@ -85,8 +83,6 @@ def _finetune(args: argparse.Namespace) -> int:
         cfg = (quick_config(args.labels, args.out, train=train, **protocol) if args.quick else
                ProtocolConfig(args.labels, args.out, train=TrainConfig(**train), **protocol))
         plan = prepare(cfg)
-    except INPUT_ERRORS as exc:
-        return _fail("finetune", exc)
     report = run_protocol(cfg, plan)
     for name, model in report["models"].items():
         cv = model["cv"]["summary"]["auc"]
@@ -137,7 +133,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--seed", type=int, help="splits and fold k's training use seed + k "
                    "(default: 0)")
     p.add_argument("--n-boot", type=int, help="bootstrap resamples (default: 1000)")
-    p.add_argument("--check", choices=["header", "full", "none"],
+    p.add_argument("--check", choices=CHECKS,
                    help="image check before training (default: header)")
     _add_outside_root(p)
     p.add_argument("--title", help="report title")
@@ -156,15 +152,13 @@ def _add_evaluate(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from .engine import TrainConfig
         from .protocol import evaluate_checkpoints
-        try:
+        with exit_on():
             train = TrainConfig(batch_size=args.batch_size, device=args.device,
                                 backend=args.backend, workers=args.workers, progress=False)
             report = evaluate_checkpoints(args.ckpt, args.labels, args.out, name=args.name,
                                           n_boot=args.n_boot, seed=args.seed, check=args.check,
                                           title=args.title, train=train,
                                           allow_outside_root=args.allow_outside_root)
-        except INPUT_ERRORS as exc:
-            return _fail("evaluate", exc)
         ensemble = report["models"][args.name]["test"]["ensemble"]
         print(json.dumps({k: ensemble[k] for k in ("auc", "f1", "accuracy", "precision",
                                                     "recall", "specificity", "n")}, indent=2))
@@ -183,11 +177,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--title", default="Evaluation report")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--check", choices=["header", "full", "none"], default="header")
+    p.add_argument("--check", choices=CHECKS, default="header")
     _add_outside_root(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=["auto", "dali", "torch"], default="auto")
+    p.add_argument("--backend", choices=LOADER_BACKENDS, default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=run)
 
@@ -195,12 +189,10 @@ def _add_evaluate(sub) -> None:
 def _add_predict(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from .inference import predict_images
-        try:
+        with exit_on():
             summary = predict_images(args.ckpt, args.images, args.out,
                                      batch_size=args.batch_size, device=args.device,
                                      precision=args.precision)
-        except INPUT_ERRORS as exc:
-            return _fail("predict", exc)
         print(json.dumps(summary, indent=2))
         return 0
 
@@ -213,20 +205,18 @@ def _add_predict(sub) -> None:
                    "%(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto")
     p.set_defaults(func=run)
 
 
 def _add_embed(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from .inference import embed_images
-        try:
+        with exit_on():
             summary = embed_images(args.ckpt, args.images, args.out, img_size=args.img_size,
                                    in_chans=args.in_chans, global_pool=args.global_pool,
                                    batch_size=args.batch_size, device=args.device,
                                    precision=args.precision)
-        except INPUT_ERRORS as exc:
-            return _fail("embed", exc)
         print(json.dumps(summary, indent=2))
         return 0
 
@@ -244,7 +234,7 @@ def _add_embed(sub) -> None:
     p.add_argument("--global-pool", choices=["avg", "token"], default="avg")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto")
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ best validation AUC, save it as ``best.safetensors``.
 The recipe is fb/mae ``main_finetune`` / ``main_linprobe``: AdamW with layer-wise lr decay
 (timm ``param_groups_layer_decay``, 0.65 by default; only for ViTs that start from pretrained
 weights: a random-init model or a CNN trains every layer at the same rate), lr = ``blr`` x
-batch / 256, per-step linear warmup then half-cosine (``train.optim.WarmupCosineLR``), drop
+batch / 256, per-step linear warmup then half-cosine (``runtime.optim.WarmupCosineLR``), drop
 path, label smoothing, timm ``Mixup`` / CutMix (soft-target cross-entropy), bf16 autocast on
 CUDA. A linear probe trains only its head (no weight decay, smoothing, mixup or drop path, as
 fb/mae), with AdamW instead of LARS and lr = ``probe_blr`` x batch / 256.
@@ -36,16 +36,17 @@ from torch import nn
 
 from ..data.image_files import ImageList
 from ..models.mae import PRESETS
-from ..train.config import DEVICE_PATTERN, LOADER_BACKENDS
-from ..train.engine import seed_everything
-from ..train.optim import WarmupCosineLR, param_groups
+from ..data import LOADER_BACKENDS
+from ..runtime.device import DEVICE_PATTERN, resolve_device
+from ..runtime.precision import FINETUNE_PRECISIONS
+from ..runtime.seed import seed_everything
+from ..runtime.optim import WarmupCosineLR, param_groups
 from .labels import LabelledSet
-from .metrics import _auc
+from .metrics import roc_auc
 from .report import fmt
 from .models import (GLOBAL_POOLS, Classifier, ModelSpec, build_classifier, head_name,
                      save_classifier)
 
-PRECISIONS = ("auto", "bf16", "fp32")
 IMBALANCE = ("none", "weights", "sampler")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds")
 
@@ -119,7 +120,7 @@ class TrainConfig:
                     "> 0, given together with mean"),
             "rotate": (0 <= self.rotate <= 180, "in [0, 180] degrees"),
             "crop_min": (0 < self.crop_min <= 1, "in (0, 1]"),
-            "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            "precision": (self.precision in FINETUNE_PRECISIONS, f"one of {FINETUNE_PRECISIONS}"),
             "global_pool": (self.global_pool in GLOBAL_POOLS, f"one of {GLOBAL_POOLS}"),
             "backend": (self.backend in LOADER_BACKENDS, f"one of {LOADER_BACKENDS}"),
             "device": (DEVICE_PATTERN.fullmatch(self.device) is not None,
@@ -153,12 +154,6 @@ class FoldResult:
     seconds: float
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast(device: torch.device, precision: str):
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -167,7 +162,7 @@ def autocast(device: torch.device, precision: str):
 def accelerate_vit(model: nn.Module) -> nn.Module:
     """The single call site of ``usfmae_fast.accelerate``: the timm ViT's attention runs our
     fused op (its original code wherever ours cannot, see ``_accelerate``)."""
-    from .._accelerate import accelerate
+    from .. import accelerate
     return accelerate(model)
 
 
@@ -232,7 +227,7 @@ def soft_target_loss(logits: torch.Tensor, target: torch.Tensor,
     return (per_sample * w).sum() / w.sum()
 
 
-def build_optimizer(built: Classifier, spec: ModelSpec, cfg: TrainConfig, lr: float):
+def build_finetune_optimizer(built: Classifier, spec: ModelSpec, cfg: TrainConfig, lr: float):
     model = built.model
     if spec.linear_probe:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -305,7 +300,7 @@ class _Training:
         self.val_labels = val.labels
         blr = cfg.probe_blr if spec.linear_probe else cfg.blr
         self.peak_lr = cfg.lr if cfg.lr is not None else blr * batch / 256
-        self.optimizer = build_optimizer(self.built, spec, cfg, self.peak_lr)
+        self.optimizer = build_finetune_optimizer(self.built, spec, cfg, self.peak_lr)
         steps = len(self.loader)
         self.scheduler = WarmupCosineLR(self.optimizer, self.peak_lr, min(cfg.min_lr, self.peak_lr),
                                         int(cfg.warmup_epochs * steps), cfg.epochs * steps)
@@ -360,7 +355,7 @@ class _Training:
         probs = predict_loader(self.model, self.val_loader, len(y), self.device,
                                self.cfg.precision)
         picked = probs[np.arange(len(probs)), y]
-        return probs, {"auc": _auc(y, probs, "macro"),
+        return probs, {"auc": roc_auc(y, probs, "macro"),
                        "accuracy": float((probs.argmax(axis=1) == y).mean()),
                        "loss": float(-np.log(np.clip(picked, 1e-12, None)).mean())}
 

@@ -22,7 +22,8 @@ import torch
 from ..data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, UnreadableFileError, kind_of
 from ..data.torch_loader import eval_transform
 from .engine import autocast, resolve_device, write_predictions, write_rows
-from .models import MAE_ARCH, ModelSpec, build_classifier, load_finetuned
+from ..models.classifier import load_finetuned
+from .models import MAE_ARCH, ModelSpec, build_classifier
 
 
 @dataclass
@@ -74,7 +75,8 @@ def _kind(path: Path, strict: bool) -> str | None:
     return kind
 
 
-def iter_frames(inputs: list[Input], channels: int) -> Iterator[tuple[Input, int, torch.Tensor]]:
+def iter_input_frames(inputs: list[Input],
+                      channels: int) -> Iterator[tuple[Input, int, torch.Tensor]]:
     """``(input, frame number, uint8 [channels, H, W])`` of every frame of every input."""
     from ..data.dicom_frames import iter_frames as dicom_frames
     from ..data.dicom_frames import open_dicom
@@ -95,8 +97,8 @@ def iter_frames(inputs: list[Input], channels: int) -> Iterator[tuple[Input, int
 
 
 @torch.no_grad()
-def run_model(model, inputs: list[Input], *, img_size: int, channels: int, mean, std,
-              batch_size: int, device, precision: str, features: bool = False):
+def run_on_frames(model, inputs: list[Input], *, img_size: int, channels: int, mean, std,
+                  batch_size: int, device, precision: str, features: bool = False):
     """``(rows [{path, frame, **extra}], outputs [N, C or D])``: softmax probabilities, or the
     pooled pre-logits features with ``features=True``."""
     transform = eval_transform(img_size, mean, std)
@@ -111,7 +113,7 @@ def run_model(model, inputs: list[Input], *, img_size: int, channels: int, mean,
         outputs.append(y.float().cpu())
         batch.clear()
 
-    for item, frame, pixels in iter_frames(inputs, channels):
+    for item, frame, pixels in iter_input_frames(inputs, channels):
         rows.append({"path": str(item.path), "frame": frame, **item.extra})
         batch.append(transform(pixels))
         if len(batch) == batch_size:
@@ -136,7 +138,7 @@ def predict_images(ckpts, sources, out_csv, *, batch_size: int = 32, device: str
     device = resolve_device(device)
     probs, rows = [], []
     for m in loaded:
-        rows, p = run_model(m.model, inputs, img_size=m.img_size, channels=m.in_chans,
+        rows, p = run_on_frames(m.model, inputs, img_size=m.img_size, channels=m.in_chans,
                             mean=m.mean, std=m.std, batch_size=batch_size, device=device,
                             precision=precision)
         probs.append(p)
@@ -154,8 +156,8 @@ def load_encoder(path, *, img_size: int | None = None, in_chans: int = 1,
     """``(model, img_size, channels, mean, std)`` for features: a classifier checkpoint's
     pre-logits, or an MAE-family encoder (final norm, then ``global_pool``) built as for
     fine-tuning, at ``img_size`` (default: the checkpoint's)."""
-    from ..explain.run import read_classifier
     from ..models.checkpoint import infer_config
+    from ..models.classifier import read_classifier
 
     state, meta = read_classifier(path)
     if "arch" in meta:
@@ -183,7 +185,7 @@ def embed_images(ckpt, sources, out_dir, *, img_size: int | None = None, in_chan
     model, size, channels, mean, std = load_encoder(ckpt, img_size=img_size, in_chans=in_chans,
                                                     global_pool=global_pool)
     inputs = find_inputs(sources)
-    rows, feats = run_model(model, inputs, img_size=size, channels=channels, mean=mean, std=std,
+    rows, feats = run_on_frames(model, inputs, img_size=size, channels=channels, mean=mean, std=std,
                             batch_size=batch_size, device=resolve_device(device),
                             precision=precision, features=True)
     out = Path(out_dir)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.image_files import (ImageList, ImageRecord, _class_names, _from_directory,
-                                check_images)
+from ..data.image_files import (ImageList, ImageRecord, check_images, image_records_in,
+                                sort_class_names)
 
 GROUP_COLUMNS = ("patient_id", "patient", "study_id", "study", "group")
 _SHOWN = 5  # how many offending paths or lines an error message lists
@@ -131,7 +131,7 @@ def _rows_from_csv(csv_path: Path, allow_outside_root: bool = False) -> list[_Ro
 
 
 def _rows_from_folders(root: Path) -> list[_Row]:
-    records = _from_directory(root)
+    records = image_records_in(root)
     if loose := [r.name for r in records if "/" not in r.name]:
         raise LabelError(f"labels: {root} is read as one folder per class, but "
                          f"{len(loose)} image(s) lie outside a class folder, e.g. {loose[:3]}")
@@ -161,7 +161,7 @@ def _merge_duplicates(rows: list[_Row], source: Path) -> list[_Row]:
 
 def _class_list(rows: Sequence[_Row], classes: Sequence[str] | None, source: Path) -> list[str]:
     if classes is None:
-        found = _class_names({r.label for r in rows})
+        found = sort_class_names({r.label for r in rows})
         if len(found) < 2:
             raise LabelError(f"labels: a classification needs at least 2 classes, "
                              f"{source} has {found}")

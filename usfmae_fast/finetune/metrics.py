@@ -21,7 +21,8 @@ SCALAR_METRICS = ("auc", "auc_weighted", "f1", "f1_weighted", "accuracy", "balan
 _RESAMPLED_VALUES_PER_CHUNK = 2_000_000  # bounds the bootstrap's memory on large test sets
 
 
-def _checked(y_true, probs, classes) -> tuple[np.ndarray, np.ndarray]:
+def checked_scores(y_true, probs, classes) -> tuple[np.ndarray, np.ndarray]:
+    """``(y_true, probs)`` as arrays, checked against each other and ``classes``."""
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
     n_classes = len(classes)
     if n_classes < 2 or probs.ndim != 2 or probs.shape[1] != n_classes:
@@ -47,7 +48,9 @@ def _headline(per_class: np.ndarray) -> np.ndarray:
     return per_class[..., 1] if per_class.shape[-1] == 2 else per_class.mean(axis=-1)
 
 
-def _auc(y_true: np.ndarray, probs: np.ndarray, average: str) -> float | None:
+def roc_auc(y_true: np.ndarray, probs: np.ndarray, average: str) -> float | None:
+    """ROC AUC (one-vs-rest ``average`` for more than two classes); None when a class is
+    missing from ``y_true``."""
     n_classes = probs.shape[1]
     if np.bincount(y_true, minlength=n_classes).min() == 0:
         return None
@@ -65,7 +68,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     """Every scalar of :data:`SCALAR_METRICS`, the ``confusion_matrix`` (rows: true class,
     columns: predicted = argmax of ``probs`` [N, C]), ``per_class`` values and ``n``; plain
     Python numbers, ready for JSON."""
-    y_true, probs = _checked(y_true, probs, classes)
+    y_true, probs = checked_scores(y_true, probs, classes)
     labels = list(range(len(classes)))
     predicted = probs.argmax(axis=1)
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -73,8 +76,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     tn, fp = multilabel_confusion_matrix(y_true, predicted, labels=labels)[:, 0].T
     specificity = _ratio(tn, tn + fp)
     return {
-        "auc": _auc(y_true, probs, "macro"),
-        "auc_weighted": _auc(y_true, probs, "weighted"),
+        "auc": roc_auc(y_true, probs, "macro"),
+        "auc_weighted": roc_auc(y_true, probs, "weighted"),
         "f1": float(_headline(f1)),
         "f1_weighted": float(f1_score(y_true, predicted, labels=labels, average="weighted",
                                       zero_division=0)),
@@ -145,7 +148,7 @@ def bootstrap_ci(y_true, probs, classes, n_boot: int = 1000, seed: int = 0,
     """Percentile bootstrap interval ``[low, high]`` of every scalar metric: ``n_boot``
     resamples of the images with replacement (seeded). Resamples where AUC is undefined are
     left out of the AUC intervals only; ``[None, None]`` when no resample defines it."""
-    y_true, probs = _checked(y_true, probs, classes)
+    y_true, probs = checked_scores(y_true, probs, classes)
     if n_boot < 1 or not 0.0 < level < 1.0:
         raise ValueError(f"n_boot must be >= 1 and level in (0, 1), got {n_boot}, {level}")
     rng = np.random.default_rng(seed)

@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
-from .._files import atomic_write
 from ..data.torch_loader import US_MEAN, US_STD, channel_values
 from ..models import checkpoint as mck
+from ..models.classifier import (LoadedClassifier, load_finetuned,  # noqa: F401 - public here
+                                 write_classifier)
 from ..models.mae import PRESETS
 from ..models.timm_models import NAMES as VIT_NAMES
 from ..models.timm_models import timm_kwargs
@@ -60,7 +60,6 @@ MAE_ARCH = "mae"              # a usfmae_vit_* ViT, from an MAE checkpoint or ra
 PROBE_SUFFIX = "_linprobe"
 BASELINES = ("densenet169", "resnet50", "vit_base_patch16_224")
 GLOBAL_POOLS = ("avg", "token")
-FINETUNE_KEY = "usfmae_finetune"  # safetensors metadata: JSON of how the checkpoint was made
 
 
 @dataclass
@@ -327,47 +326,9 @@ def classifier_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_classifier(built: Classifier, path, classes: list[str], info: dict | None = None):
-    """A checkpoint ``explain.run.load_classifier`` (and so ``usfmae-fast scorecam``) loads:
-    safetensors with metadata "arch", "model_kwargs", "classes", "mean", "std" and
-    ``FINETUNE_KEY`` (``info``: fold, epoch, seed, model spec, ...)."""
-    kwargs = {k: v for k, v in built.model_kwargs.items() if k != "num_classes"}
-    meta = {"format": "pt", "arch": built.arch, "model_kwargs": json.dumps(kwargs),
-            "classes": json.dumps(list(classes)), "mean": json.dumps(built.mean),
-            "std": json.dumps(built.std), FINETUNE_KEY: json.dumps(info or {})}
-    tensors = classifier_state_dict(built.model)
-    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, meta))
-
-
-@dataclass
-class LoadedClassifier:
-    model: nn.Module              # eval mode
-    classes: list[str]
-    in_chans: int
-    img_size: int
-    mean: list[float]
-    std: list[float]
-    info: dict = field(default_factory=dict)
-
-    def describe(self) -> dict:
-        return {"classes": self.classes, "in_chans": self.in_chans, "img_size": self.img_size,
-                "mean": self.mean, "std": self.std, "info": self.info}
-
-
-def load_finetuned(path, model_name: str | None = None) -> LoadedClassifier:
-    """A classifier checkpoint (ours, or any that ``load_classifier`` reads) with its classes
-    (``"0"``, ``"1"``, ... when it names none) and input preparation."""
-    from ..explain.run import load_classifier, model_input
-
-    model = load_classifier(path, model_name)
-    meta = {}
-    if Path(path).suffix == ".safetensors":
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    channels, size, mean, std = model_input(model)
-    classes = json.loads(meta["classes"]) if "classes" in meta else \
-        [str(i) for i in range(model.num_classes)]
-    if len(classes) != model.num_classes:
-        raise ValueError(f"ckpt: {str(path)!r} names {len(classes)} classes but its head has "
-                         f"{model.num_classes} outputs")
-    return LoadedClassifier(model, classes, channels, int(size[0]), list(mean), list(std),
-                            json.loads(meta.get(FINETUNE_KEY, "{}")))
+    """``built`` as a classifier checkpoint (:func:`usfmae_fast.models.classifier.
+    write_classifier`), which ``usfmae-fast scorecam`` / ``evaluate`` load; ``info``: fold,
+    epoch, seed, model spec, ..."""
+    return write_classifier(path, classifier_state_dict(built.model), arch=built.arch,
+                            model_kwargs=built.model_kwargs, classes=classes, mean=built.mean,
+                            std=built.std, info=info)

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .._lock import output_lock
+from ..runtime.lock import output_lock
 from .engine import (Preprocess, TrainConfig, predict_probs, resolve_device, short_names,
                      train_fold, write_predictions, write_rows)
 from .labels import LabelledSet, read_labels
 from .metrics import bootstrap_ci, classification_metrics, summarize
-from .models import ModelSpec, build_classifier, load_finetuned, model_spec
+from ..models.classifier import load_finetuned
+from .models import ModelSpec, build_classifier, model_spec
 from .report import fmt, plot_confusion, plot_roc, write_report
 from .splits import SplitError, holdout_split, kfold_splits
 
@@ -151,7 +152,7 @@ def _figures(entry: dict, y, probs, metrics: dict, classes, model_dir: Path, out
                         "confusion": os.path.relpath(confusion, out)}
 
 
-def run_model(spec: ModelSpec, plan: Plan, cfg: ProtocolConfig) -> dict:
+def run_folds(spec: ModelSpec, plan: Plan, cfg: ProtocolConfig) -> dict:
     """Every fold of one model; its report entry."""
     out = Path(cfg.out_dir)
     model_dir, classes, dev, test = out / spec.name, plan.dev.classes, plan.dev, plan.test
@@ -219,7 +220,7 @@ def run_protocol(cfg: ProtocolConfig, plan: Plan | None = None) -> dict:
     """Cross-validation + test set for every model of ``cfg.models``; writes everything under
     ``cfg.out_dir`` and returns the report (also in ``report.json``). ``plan``: the result of
     :func:`prepare` when the caller has checked the inputs already. The folder is held for the
-    run (:class:`~usfmae_fast._lock.FolderBusy` if another run holds it)."""
+    run (:class:`~usfmae_fast.runtime.lock.FolderBusy` if another run holds it)."""
     plan = plan or prepare(cfg)
     with output_lock(cfg.out_dir, "finetune"):
         return _run_models(cfg, plan)
@@ -228,7 +229,7 @@ def run_protocol(cfg: ProtocolConfig, plan: Plan | None = None) -> dict:
 def _run_models(cfg: ProtocolConfig, plan: Plan) -> dict:
     out = Path(cfg.out_dir)
     write_splits(plan, out / "splits.csv")
-    models = {spec.name: run_model(spec, plan, cfg) for spec in plan.specs}
+    models = {spec.name: run_folds(spec, plan, cfg) for spec in plan.specs}
     held_out = (f"the independent set `{cfg.test_labels}`" if cfg.test_labels else
                 "stratified, grouped by patient" if cfg.test_size else "none")
     report = {

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
-from .._files import atomic_write
-from ..train.figures import _pyplot, save_figure
-from .metrics import SCALAR_METRICS, _checked
+from ..runtime.files import atomic_write
+from ..runtime.figures import pyplot, save_figure
+from .metrics import SCALAR_METRICS, checked_scores
 
 METRIC_LABELS = {"auc": "AUC", "auc_weighted": "AUC (weighted)", "f1": "F1",
                  "f1_weighted": "F1 (weighted)", "accuracy": "accuracy",
@@ -35,8 +35,8 @@ _CODE = re.compile(r"`[^`]*`")
 def plot_roc(y_true, probs, classes, path, title: str = "") -> Path:
     """One-vs-rest ROC curve of every class (binary: of the positive class), AUC in the legend;
     a class absent from ``y_true`` has no curve and says so in the legend."""
-    y_true, probs = _checked(y_true, probs, classes)
-    plt = _pyplot()
+    y_true, probs = checked_scores(y_true, probs, classes)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
     for c in [1] if len(classes) == 2 else range(len(classes)):
         is_class = y_true == c
@@ -57,7 +57,7 @@ def plot_confusion(confusion, classes, path, title: str = "") -> Path:
     if confusion.shape != (len(classes), len(classes)):
         raise ValueError(f"confusion: expected {len(classes)}x{len(classes)} for classes "
                          f"{list(classes)}, got shape {confusion.shape}")
-    plt = _pyplot()
+    plt = pyplot()
     side = 2.5 + 0.7 * len(classes)
     fig, ax = plt.subplots(figsize=(side + 1, side), dpi=120)
     long_names = max(len(str(c)) for c in classes) > 6

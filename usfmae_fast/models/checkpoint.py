@@ -21,7 +21,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .._files import atomic_write
+from ..runtime.files import atomic_write
 from .mae import PRESETS, MaskedAutoencoderViT
 from .vit import pair
 
@@ -66,7 +66,9 @@ def _torch_load(path: Path):
         raise _unreadable(path, exc) from exc
 
 
-def _unwrap(checkpoint, path: Path) -> StateDict:
+def unwrap_state_dict(checkpoint, path: Path) -> StateDict:
+    """The state dict in a loaded checkpoint: bare or under "model" / "state_dict", with DDP /
+    compile wrapper prefixes stripped; ``CheckpointError`` naming ``path`` when there is none."""
     if isinstance(checkpoint, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(checkpoint.get(key), Mapping):
@@ -113,17 +115,17 @@ def read_checkpoint(path) -> tuple[StateDict, dict | None]:
     path = Path(path)
     checkpoint, metadata = read_file(path)
     if path.suffix == ".safetensors":
-        state_dict = _unwrap(checkpoint, path)
+        state_dict = unwrap_state_dict(checkpoint, path)
         sidecar = path.with_suffix(".json")
         if CONFIG_KEY in metadata:
             return state_dict, json.loads(metadata[CONFIG_KEY])
         return state_dict, json.loads(sidecar.read_text()) if sidecar.is_file() else None
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model_config"), Mapping):
-        return _unwrap(checkpoint, path), dict(checkpoint["model_config"])  # our training state
+        return unwrap_state_dict(checkpoint, path), dict(checkpoint["model_config"])  # our training state
     args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
     config = ({"norm_pix_loss": bool(args.norm_pix_loss)}
               if hasattr(args, "norm_pix_loss") else None)
-    return _unwrap(checkpoint, path), config
+    return unwrap_state_dict(checkpoint, path), config
 
 
 def _count_blocks(state_dict: Mapping, prefix: str) -> int:

@@ -4,9 +4,10 @@ The names below are imported on first use: the command line reads ``train.config
 to build its parser, and ``usfmae-fast ingest`` must not pay for torch (about 600 MB)."""
 from .._lazy import lazy_exports
 
-_WHERE = {"PRESETS": ".config", "ConfigError": ".config", "PretrainConfig": ".config",
+_WHERE = {"CONFIG_PRESETS": ".config", "ConfigError": ".config", "PretrainConfig": ".config",
           "build_config": ".config", "PretrainEngine": ".engine", "TrainingDiverged": ".engine",
-          "pretrain": ".engine", "param_groups": ".optim", "warmup_cosine": ".optim"}
+          "pretrain": ".engine", "param_groups": "..runtime.optim",
+          "warmup_cosine": "..runtime.optim"}
 
 __all__ = sorted(_WHERE)
 __getattr__ = lazy_exports(__name__, _WHERE)

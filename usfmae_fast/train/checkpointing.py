@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._files import atomic_write
+from ..runtime.files import atomic_write
 from ..models.checkpoint import CheckpointError, read_file
 
 CHECKPOINT_DIR = "checkpoints"
@@ -112,7 +112,7 @@ def all_finite(*states) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def load_checkpoint(path) -> dict:
+def load_training_state(path) -> dict:
     """A training checkpoint, checked to hold everything a resume needs."""
     payload, _ = read_file(path, "training checkpoint")
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED):
@@ -133,7 +133,7 @@ def find_resume(out_dir) -> tuple[Path, dict] | None:
     problems = []
     for step, path in reversed(list_checkpoints(out_dir)):
         try:
-            payload = load_checkpoint(path)
+            payload = load_training_state(path)
         except Exception as exc:  # damaged (e.g. the disk filled up): take the one before
             problems.append(str(exc) if isinstance(exc, CheckpointError)
                             else f"{path}: {type(exc).__name__}: {exc}")
@@ -158,4 +158,4 @@ def resolve_resume(spec: str | None, out_dir) -> tuple[Path, dict] | None:
         return None
     if spec == "auto":
         return find_resume(out_dir)
-    return Path(spec), load_checkpoint(spec)
+    return Path(spec), load_training_state(spec)

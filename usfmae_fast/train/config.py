@@ -18,19 +18,17 @@ of GPUs; each rank loads ``batch_size / (world_size * accum_steps)`` images per 
 from __future__ import annotations
 
 import math
-import re
 import types
 import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from ..data import LOADER_BACKENDS
+from ..runtime.device import DEVICE_PATTERN
+from ..runtime.precision import PRECISIONS
+
 DISTRIBUTED = ("ddp", "fsdp")
-LOADER_BACKENDS = ("auto", "dali", "torch")
-OPS_BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
-MODEL_SIZES = ("tiny", "small", "base", "large", "huge")
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -131,7 +129,7 @@ class PretrainConfig:
 SECTIONS = {name: hint for name, hint in typing.get_type_hints(PretrainConfig).items()
             if name != "preset"}
 
-PRESETS: dict[str, dict] = {
+CONFIG_PRESETS: dict[str, dict] = {
     # fb/mae main_pretrain.py, ViT-B: effective batch 4096, 800 epochs, 40 of warmup
     "mae": {"model": {"size": "base", "norm_pix_loss": True},
             "optim": {"batch_size": 4096, "epochs": 800, "warmup_fraction": 0.05, "blr": 1.5e-4,
@@ -213,9 +211,9 @@ def _apply(cfg: PretrainConfig, section: str, values, origin: str) -> None:
 
 
 def apply_preset(cfg: PretrainConfig, name: str) -> PretrainConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    for section, values in PRESETS[name].items():
+    if name not in CONFIG_PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(CONFIG_PRESETS)}, got {name!r}")
+    for section, values in CONFIG_PRESETS[name].items():
         _apply(cfg, section, values, f"preset {name}")
     cfg.preset = name
     return cfg
@@ -304,8 +302,11 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> PretrainConf
     """Every field against its accepted range, named in the message (the model's shape and
     the mask ratio against each other); with ``world_size`` also that the global batch
     splits into equal per-rank micro-batches."""
+    from ..models.mae import PRESETS as SIZES  # the vocabularies of the model and the ops,
+    from ..ops import BACKENDS                  # imported here: the CLI parser loads no torch
+
     m, d, o, s, out = cfg.model, cfg.data, cfg.optim, cfg.system, cfg.output
-    _range("model.size", m.size, m.size in MODEL_SIZES, f"one of {MODEL_SIZES}")
+    _range("model.size", m.size, m.size in SIZES, f"one of {tuple(SIZES)}")
     _positive("model.img_size", m.img_size)
     _range("model.in_chans", m.in_chans, m.in_chans in (1, 3), "1 or 3")
     for name in SHAPE_FIELDS[:-1]:
@@ -366,8 +367,9 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> PretrainConf
     _range("system.device", s.device, DEVICE_PATTERN.fullmatch(s.device) is not None,
            "auto, cpu, cuda or cuda:N")
     _range("system.precision", s.precision, s.precision in PRECISIONS, f"one of {PRECISIONS}")
-    _range("system.ops_backend", s.ops_backend, s.ops_backend in OPS_BACKENDS,
-           f"one of {OPS_BACKENDS}")
+    ops_backends = ("auto", *BACKENDS)
+    _range("system.ops_backend", s.ops_backend, s.ops_backend in ops_backends,
+           f"one of {ops_backends}")
     _range("system.distributed", s.distributed, s.distributed in DISTRIBUTED,
            f"one of {DISTRIBUTED}")
     _range("system.compile_mode", s.compile_mode, s.compile_mode in COMPILE_MODES,

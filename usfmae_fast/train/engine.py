@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._lock import output_lock
+from ..runtime.lock import output_lock
 from . import checkpointing as ckpt
 from .config import PretrainConfig, dump_yaml, micro_batch_size, run_length
 from .data import build_data
@@ -39,9 +38,10 @@ from .distributed import (DistContext, all_reduce_mean, broadcast_object,
                           enable_activation_checkpointing, full_state, gather_objects,
                           is_sharded, load_full_state, no_grad_sync, setup, teardown, wrap_model)
 from .monitor import RunMonitor, format_summary, throughput_summary
-from .optim import WarmupCosineLR, build_optimizer
+from ..runtime.optim import WarmupCosineLR, build_optimizer
+from ..runtime.precision import torch_dtype
+from ..runtime.seed import seed_everything
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FINAL_WEIGHTS = "checkpoint.safetensors"
 
 
@@ -57,12 +57,6 @@ class TrainState:
     skipped: int = 0        # non-finite steps skipped, in all
     bad_in_a_row: int = 0
     seconds: float = 0.0    # training time of the steps done, over all resumes
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def build_model(cfg: PretrainConfig):
@@ -113,7 +107,7 @@ class PretrainEngine:
         ops.set_backend(s.ops_backend)
         self.out_dir = Path(cfg.output.out_dir)
         self.device = self.ctx.device
-        self.amp_dtype = AMP_DTYPES[s.precision]
+        self.amp_dtype = torch_dtype(s.precision)
         self.micro_batch = micro_batch_size(cfg, self.ctx.world_size)
         seed_everything(s.seed)  # the same initial weights on every rank
         self.data = build_data(cfg.data, img_size=cfg.model.img_size,
@@ -172,7 +166,7 @@ class PretrainEngine:
         path = broadcast_object(path, self.ctx)  # every rank loads the file rank 0 chose
         if path is None:
             return None
-        payload = ckpt.load_checkpoint(path)
+        payload = ckpt.load_training_state(path)
         load_full_state(self.model, self.optimizer, payload["model"], payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
@@ -405,7 +399,7 @@ class PretrainEngine:
 
 def pretrain(cfg: PretrainConfig, on_step=None) -> dict:
     """Run ``cfg`` in this process (joining torchrun's process group when there is one); rank 0
-    holds ``output.out_dir`` for the run (:class:`~usfmae_fast._lock.FolderBusy` if another run
+    holds ``output.out_dir`` for the run (:class:`~usfmae_fast.runtime.lock.FolderBusy` if another run
     does)."""
     ctx = setup(cfg.system.device)
     try:

@@ -13,24 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runtime.figures import pyplot, save_figure
+
 MASK_COLOUR = (0.10, 0.22, 0.45)  # removed patches: dark blue, unlike any gray pixel
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path) -> Path:
-    """Lays out ``fig``, writes it to ``path`` (creating its folder) and closes it."""
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    _pyplot().close(fig)
-    return path
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
@@ -46,7 +31,7 @@ def plot_loss_curve(history: Sequence[dict], path, window: int | None = None,
     """Per-step loss (faint), its moving average, and the lr on a second axis."""
     if not history:
         raise ValueError("history is empty: nothing to plot")
-    plt = _pyplot()
+    plt = pyplot()
     steps = np.array([h["step"] for h in history])
     loss = np.array([h["loss"] for h in history])
     window = window or max(1, len(loss) // 20)
@@ -114,7 +99,7 @@ def plot_reconstructions(model, imgs: torch.Tensor, path, mean: float, std: floa
     Returns ``{"path", "loss", "masked_mse"}``: the model's loss on these images and the mean
     squared error (in [0, 1] pixel units) of the removed patches' reconstruction.
     """
-    plt = _pyplot()
+    plt = pyplot()
     out = reconstruct(model, imgs, mask_ratio, seed)
     to_unit = lambda x: (x * std + mean).clamp(0, 1)  # noqa: E731 - one-line un-normalisation
     original, recon, pasted = to_unit(imgs), to_unit(out["recon"]), to_unit(out["pasted"])

@@ -19,8 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-_ENCODER = ("embed_dim", "depth", "num_heads")
-_DECODER = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+from ..ops.reference import num_kept
 
 
 def _config(model) -> Mapping:
@@ -39,13 +38,6 @@ def _num_patches(config: Mapping) -> int:
     return (height // config["patch_size"]) * (width // config["patch_size"])
 
 
-def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """Patches the encoder sees: ``int(L * (1 - mask_ratio))``, as fb/mae ``random_masking``."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return int(num_patches * (1 - mask_ratio))
-
-
 def block_macs(tokens: int, dim: int, mlp_ratio: float = 4.0) -> int:
     """Multiply-accumulates of one pre-norm transformer block on ``tokens`` tokens: qkv (3 D^2)
     and output projection (D^2), MLP (2 D * hidden), and ``q k^T`` + ``P v`` (2 N^2 D over all
@@ -59,6 +51,8 @@ def forward_flops_breakdown(model, mask_ratio: float = 0.75) -> dict[str, float]
     ``encoder`` (K + 1 tokens), ``decoder_embed`` (K + 1 tokens), ``decoder`` (L + 1 tokens),
     ``decoder_pred`` (L tokens, the cls token dropped first)."""
     c = _config(model)
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     patches = _num_patches(c)
     kept = num_kept(patches, mask_ratio)
     pixels = c["patch_size"] ** 2 * c.get("in_chans", 3)
