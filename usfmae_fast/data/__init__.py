@@ -3,7 +3,7 @@ DALI / PyTorch loaders that feed training (``make_loader``).
 
 The names below are imported on first use: ``ingest`` and its worker processes import this
 package, and must not pay for torch (about 600 MB per process) that only the loaders need."""
-from .._lazy import lazy_exports
+from ..runtime.lazy import lazy_exports
 
 LOADER_BACKENDS = ("auto", "dali", "torch")  # make_loader's backend: "auto" = DALI when it runs
 

@@ -3,7 +3,7 @@ stratified patient-grouped splits, classification metrics with bootstrap interva
 report (JSON, markdown, ROC and confusion-matrix figures); classifiers from USF-MAE / MAE
 checkpoints and timm baselines, one fold's training, the k-fold + test-set protocol, and
 prediction / feature extraction on images and DICOMs."""
-from .._lazy import lazy_exports
+from ..runtime.lazy import lazy_exports
 
 _EXPORTS = {
     "labels": ("LabelError", "LabelledSet", "read_labels"),

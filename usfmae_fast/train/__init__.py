@@ -2,7 +2,7 @@
 
 The names below are imported on first use: the command line reads ``train.config`` (no torch)
 to build its parser, and ``usfmae-fast ingest`` must not pay for torch (about 600 MB)."""
-from .._lazy import lazy_exports
+from ..runtime.lazy import lazy_exports
 
 _WHERE = {"CONFIG_PRESETS": ".config", "ConfigError": ".config", "PretrainConfig": ".config",
           "build_config": ".config", "PretrainEngine": ".engine", "TrainingDiverged": ".engine",
