@@ -37,7 +37,6 @@ def _dali_status() -> str:
 
 def collect() -> dict:
     from . import __version__, ops
-    from .ops import _ext, _trust
 
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
@@ -49,18 +48,13 @@ def collect() -> dict:
                      ("timm", "numpy", "safetensors", "pydicom", "triton", "nvidia.dali")},
         "cuda_devices": devices,
         "cpu_threads": torch.get_num_threads(),
-        "extension": {
-            "loaded": _ext.LOADED,
-            "message": _ext.LOAD_MESSAGE,
-            "cpu_kernels": _ext.has_kernel("random_masking", "CPU"),
-            "cuda_kernels": _ext.has_kernel("random_masking", "CUDA"),
-        },
+        "extension": ops.extension_status(),
         "triton": _triton_status(),
         "dali": _dali_status(),
         "backend": ops.get_backend(),
         "ops": ops.backend_status(),
-        "trust_checks": "on" if _trust.enabled() else f"off ({_trust.ENV}=0)",
-        "auto": _trust.auto_choices(),
+        "trust_checks": "on" if ops.trust_checks_enabled() else f"off ({ops.TRUST_ENV}=0)",
+        "auto": ops.auto_choices(),
     }
 
 
