@@ -343,3 +343,13 @@ def test_image_folder_source(tmp_path):
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     assert Path(summary["artefacts"]["reconstruction"]).stat().st_size > 0
     assert summary["data_mean"] == cfg.data.mean  # files are normalised with data.mean / std
+
+
+def test_an_engine_leaves_the_process_wide_ops_backend_alone(tmp_path, backend):
+    from usfmae_fast import ops
+    backend("auto")
+    engine = PretrainEngine(tiny_config(tmp_path, system__ops_backend="torch",
+                                        optim__steps=1), DistContext())
+    assert ops.get_backend() == "auto"
+    engine.run()
+    assert ops.get_backend() == "auto"

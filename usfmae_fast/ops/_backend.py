@@ -10,6 +10,7 @@ check failed, falls back the same way with one warning (never silently).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -91,6 +92,18 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _current
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the block with backend ``name``, then restore the previous setting (so that a
+    library call, e.g. a training run, does not change the process-wide choice)."""
+    previous = _current
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def _warn_once(key: tuple, message: str) -> None:

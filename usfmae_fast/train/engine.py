@@ -18,6 +18,7 @@ DALI's augmentation restarts with fresh seeds).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -92,6 +93,16 @@ def init_from_checkpoint(model, path, data_mean: float, data_std: float):
         raise mck.CheckpointError(f"model.init_from {str(path)!r}: {exc}") from exc
 
 
+def _with_ops_backend(method):
+    """The run's ops backend (system.ops_backend) for the method's duration only: an engine in
+    a library call leaves the process-wide choice as it found it."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with ops.use_backend(self.cfg.system.ops_backend):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class PretrainEngine:
     """Builds the run from ``cfg`` (data, model, optimizer, resume) and :meth:`run` trains it.
 
@@ -104,7 +115,6 @@ class PretrainEngine:
         s, o = cfg.system, cfg.optim
         if s.num_threads is not None:
             torch.set_num_threads(s.num_threads)
-        ops.set_backend(s.ops_backend)
         self.out_dir = Path(cfg.output.out_dir)
         self.device = self.ctx.device
         self.amp_dtype = torch_dtype(s.precision)
@@ -224,6 +234,7 @@ class PretrainEngine:
             nn.utils.get_total_norm([p.grad for p in params])
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
+    @_with_ops_backend
     def train_step(self, batches) -> dict:
         o, accum = self.cfg.optim, self.cfg.optim.accum_steps
         started = time.perf_counter()
@@ -290,6 +301,7 @@ class PretrainEngine:
         return path
 
     # -- the run -----------------------------------------------------------------------------
+    @_with_ops_backend
     def run(self) -> dict:
         cfg, mon = self.cfg, self.monitor
         if self.ctx.is_main:
@@ -388,6 +400,7 @@ class PretrainEngine:
         plain.load_state_dict(state)
         return plain.to(self.device)
 
+    @_with_ops_backend
     def _heldout_loss(self, model=None) -> float | None:
         from .figures import reconstruct
 
