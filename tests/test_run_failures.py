@@ -238,3 +238,10 @@ def test_an_mae_checkpoint_that_does_not_fit_init_from_exits_2(images, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(f"usfmae-fast pretrain: model.init_from '{mae}': state_dict does not "
                           f"match the model: mis-shaped keys"), err
+
+
+def test_pretrain_without_a_data_source_exits_2_naming_it(tmp_path, capsys):
+    # the mae / usfmae recipes no longer fall back to the in-memory pydicom-data frames
+    assert main(["pretrain", "--preset", "mae", "--out", str(tmp_path / "run"), "--quiet",
+                 "--steps", "1"]) == 2
+    assert "data.source is not set" in capsys.readouterr().err

@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "demo"                   # "demo" (pydicom-data frames), manifest, folder, shards
+    source: str = ""                       # ingest folder, manifest, shards; "demo": pydicom-data
     backend: str = "auto"                  # make_loader backend: auto | dali | torch
     workers: int | None = None             # DALI threads / DataLoader processes
     mean: float = 0.15                     # pixel normalisation of files ("demo" measures its own)
@@ -327,8 +327,7 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> PretrainConf
     _check(patches >= 2, f"model.img_size = {m.img_size} / model.patch_size = {patch} gives "
            f"{patches} patch; masking needs at least 2 (one kept, one masked)")
 
-    _range("data.source", d.source, d.source.strip() != "",
-           "'demo', an ingest folder, a manifest.csv or .tar shards")
+    # data.source may be unset here (a preset, a file still to be merged); build_data refuses it
     _range("data.backend", d.backend, d.backend in LOADER_BACKENDS, f"one of {LOADER_BACKENDS}")
     _range("data.workers", d.workers, d.workers is None or d.workers >= 0, ">= 0 or null")
     _range("data.mean", d.mean, _finite(d.mean), "a finite number")

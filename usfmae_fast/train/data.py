@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 
 DEMO = "demo"
 
@@ -117,6 +117,9 @@ def build_data(cfg: DataConfig, *, img_size: int, channels: int, micro_batch: in
     loader_cfg = LoaderConfig(kind="pretrain", batch_size=micro_batch, img_size=img_size,
                               channels=channels, device=device, seed=seed, rank=rank,
                               world_size=world_size, mean=cfg.mean, std=cfg.std)
+    if not cfg.source.strip():
+        raise ConfigError("data.source is not set: give an ingest folder, a manifest.csv or .tar "
+                          "shards (--data), or 'demo' for the pydicom-data frames")
     if cfg.source == DEMO:
         if channels != 1:
             raise ValueError("data.source = demo gives gray frames: set model.in_chans = 1")
