@@ -23,9 +23,8 @@ def usable_backends(op: str, device: str) -> list[str]:
     """Registered backends of ``op`` that run on ``device`` here ("triton" only on a GPU: the
     interpreter's timings say nothing)."""
     from usfmae_fast import ops
-    return [name for name, state in ops.backend_status()[op].items()
-            if state.startswith("ok") and device in state
-            and not (name == "triton" and device == "cpu")]
+    return [name for name in sorted(ops.usable_backends(op, device), key=ops.BACKENDS.index)
+            if not (name == "triton" and device == "cpu")]
 
 
 def synchronised(fn, device: str, calls: int = 1):
@@ -128,6 +127,5 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 @pytest.fixture
 def backend():
     from usfmae_fast import ops
-    previous = ops.get_backend()
-    yield ops.set_backend
-    ops.set_backend(previous)
+    with ops.use_backend(ops.get_backend()):  # restores the setting afterwards
+        yield ops.set_backend

@@ -46,17 +46,16 @@ requires_ext = pytest.mark.skipif(not _ext.LOADED, reason=f"extension missing: {
 
 
 def usable_backends(op: str, device: str = "cpu") -> list[str]:
-    """Backends of ``op`` that run on ``device`` here (never an empty list: "torch" always runs)."""
-    return [name for name, state in ops.backend_status()[op].items()
-            if state.startswith("ok") and device in state]
+    """Backends of ``op`` that run on ``device`` here, in ``ops.BACKENDS`` order (never empty:
+    "torch" always runs)."""
+    return sorted(ops.usable_backends(op, device), key=ops.BACKENDS.index)
 
 
 @pytest.fixture
 def backend():
     """Yields a setter for the global backend and restores the previous choice afterwards."""
-    previous = ops.get_backend()
-    yield ops.set_backend
-    ops.set_backend(previous)
+    with ops.use_backend(ops.get_backend()):
+        yield ops.set_backend
 
 
 @pytest.fixture(scope="module")

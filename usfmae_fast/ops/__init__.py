@@ -9,6 +9,7 @@ or Triton kernel is checked against ``reference.py`` on its first use in a proce
 from . import _backend, _ext
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from ._backend import status as backend_status
+from ._backend import usable as usable_backends
 from ._backend import why_not as backend_refusal
 from ._trust import ENV as TRUST_ENV
 from ._trust import DTYPES as SELFTEST_DTYPES
@@ -34,4 +35,4 @@ __all__ = ["BACKENDS", "KernelCheckWarning", "OPS", "SELFTEST_DTYPES", "TRUST_EN
            "attention_packed", "auto_choices", "backend_refusal", "backend_status",
            "extension_status", "get_backend", "mae_loss", "patchify", "random_masking",
            "render_selftest", "selftest", "set_backend", "trust_checks_enabled", "unpatchify",
-           "use_backend"]
+           "usable_backends", "use_backend"]

@@ -190,6 +190,12 @@ def _check_named(op: str, spec) -> None:
         raise RuntimeError(f"backend {_current!r} cannot run {op}: {reason}")
 
 
+def usable(op: str, device_type: str) -> list[str]:
+    """The backends of ``op`` that run on ``device_type`` tensors on this machine."""
+    return [name for name, impl in _REGISTRY[op].items()
+            if device_type in impl.devices and impl.unavailable() is None]
+
+
 def status() -> dict[str, dict[str, str]]:
     """For each op and backend: "ok (devices)" or why it cannot run here."""
     report: dict[str, dict[str, str]] = {}
