@@ -4,6 +4,7 @@ Without a CUDA device the Triton kernels are tested in Triton's interpreter on C
 ``TRITON_INTERPRET`` must be set before usfmae_fast (and its kernels) are imported.
 """
 import os
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,7 @@ def pytest_sessionstart(session):
         pytest.exit("\n".join(problems), returncode=pytest.ExitCode.TESTS_FAILED)
 
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_ext = pytest.mark.skipif(not _ext.LOADED, reason=f"extension missing: {_ext.LOAD_MESSAGE}")
 

@@ -2,19 +2,22 @@
 and gradients through our ops, and fall back to the original forward where ours cannot serve."""
 import copy
 import pickle
+import sys
 import warnings
 
 import pytest
 import timm
 import torch
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 import usfmae_fast.models  # registers the usfmae_vit_* names with timm
-from conftest import usable_backends
+from conftest import ROOT, usable_backends
 from usfmae_fast import accelerate, ops
 from usfmae_fast.ops.triton import _utils as triton_utils
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from baselines import FbMaskedAutoencoderViT  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -204,84 +207,31 @@ def test_old_timm_style_attention_is_recognised(calls):
         accelerate(RelativeBiasAttention(64, 2))
 
 
-class FbMae(nn.Module):
-    """A small MAE written the fb/mae way: timm PatchEmbed and Blocks, fb/mae method names."""
+def fb_mae(norm_pix_loss: bool):
+    """A small fb/mae MAE: the benchmarks' baseline (fb/mae's models_mae.py written out)."""
+    return FbMaskedAutoencoderViT(img_size=40, patch_size=8, in_chans=3, embed_dim=64, depth=1,
+                                  num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                                  decoder_num_heads=1, norm_pix_loss=norm_pix_loss)
 
-    def __init__(self, img_size=40, patch_size=8, dim=64, decoder_dim=32, norm_pix_loss=False):
-        super().__init__()
-        self.patch_embed = PatchEmbed(img_size, patch_size, 3, dim)
-        length = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(1, length + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList([Block(dim, 2, qkv_bias=True)])
-        self.norm = nn.LayerNorm(dim)
-        self.decoder_embed = nn.Linear(dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim) * 0.02)
-        self.decoder_pos_embed = nn.Parameter(torch.randn(1, length + 1, decoder_dim) * 0.02)
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, 1, qkv_bias=True)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * 3)
-        self.norm_pix_loss = norm_pix_loss
 
-    def patchify(self, imgs):
-        p = self.patch_embed.patch_size[0]
-        n, c, h, w = imgs.shape
-        x = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(n, (h // p) * (w // p), p * p * c)
-
-    def random_masking(self, x, mask_ratio):
-        n, length, dim = x.shape
-        keep = int(length * (1 - mask_ratio))
-        order = torch.argsort(torch.rand(n, length, device=x.device), dim=1)
-        ids_restore = torch.argsort(order, dim=1)
-        x_masked = torch.gather(x, 1, order[:, :keep, None].repeat(1, 1, dim))
-        mask = torch.ones(n, length, device=x.device)
-        mask[:, :keep] = 0
-        return x_masked, torch.gather(mask, 1, ids_restore), ids_restore
-
-    def forward_encoder(self, imgs, mask_ratio):
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
-
-    def forward_decoder(self, x, ids_restore):
-        x = self.decoder_embed(x)
-        missing = self.mask_token.repeat(len(x), ids_restore.shape[1] + 1 - x.shape[1], 1)
-        rest = torch.cat([x[:, 1:], missing], 1)
-        rest = torch.gather(rest, 1, ids_restore[..., None].repeat(1, 1, x.shape[2]))
-        x = torch.cat([x[:, :1], rest], 1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-    def forward_loss(self, imgs, pred, mask):
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
-        loss = ((pred - target) ** 2).mean(-1)
-        return (loss * mask).sum() / mask.sum()
-
-    def forward(self, imgs, mask_ratio=0.75):
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask, ids_restore
+def _mae_step(model, imgs):
+    """fb/mae's forward, step by step, to see ids_restore too."""
+    latent, mask, ids_restore = model.forward_encoder(imgs, 0.75)
+    pred = model.forward_decoder(latent, ids_restore)
+    return model.forward_loss(imgs, pred, mask), pred, mask, ids_restore
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_fb_mae_masking_and_loss_match_original(norm_pix_loss, calls):
     torch.manual_seed(0)
-    fast, model = _accelerated_copy(FbMae(norm_pix_loss=norm_pix_loss))
+    fast, model = _accelerated_copy(fb_mae(norm_pix_loss))
     assert fast._usfmae_accelerated == {"attention": 2, "random_masking": True,
                                         "forward_loss": True}
     imgs = torch.randn(3, 3, 40, 40)  # 25 patches, 6 kept
     results = []
     for m in (fast, model):
         torch.manual_seed(7)
-        loss, pred, mask, ids_restore = m(imgs)
+        loss, pred, mask, ids_restore = _mae_step(m, imgs)
         loss.backward()
         results.append((loss, pred, mask, ids_restore,
                         {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
@@ -333,6 +283,6 @@ def test_switches_and_bad_input():
         accelerate(nn.Sequential(nn.Linear(4, 4)))
     with pytest.warns(UserWarning, match="nothing to accelerate"):  # ours runs our ops already
         accelerate(usfmae_fast.models.mae_vit("tiny", depth=1, decoder_depth=1))
-    model = accelerate(FbMae(), attention=False, loss=False)
+    model = accelerate(fb_mae(False), attention=False, loss=False)
     assert model._usfmae_accelerated == {"attention": 0, "random_masking": True,
                                          "forward_loss": False}
