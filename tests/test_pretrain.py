@@ -52,7 +52,7 @@ def child_env() -> dict:
 @pytest.fixture(scope="module", autouse=True)
 def decode_the_dicoms_once():
     """Every in-process engine of this module loads the same frames: decode them once."""
-    from usfmae_fast.data import dicom_frames
+    from usfmae_fast.data.ingest import dicom_frames
 
     original, cache = dicom_frames.load_frames, {}
 
@@ -316,8 +316,8 @@ def _png_folder(folder: Path, count: int) -> Path:
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_loaders_start_mid_epoch(tmp_path, backend):
-    from usfmae_fast.data.dali import dali_available
-    from usfmae_fast.data.loader import make_loader
+    from usfmae_fast.data.load.dali import dali_available
+    from usfmae_fast.data.load.loader import make_loader
 
     if backend == "dali" and not dali_available()[0]:
         pytest.skip(dali_available()[1])

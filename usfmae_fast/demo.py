@@ -124,7 +124,7 @@ def select_subjects(labels_csv: Path, per_class: int | None, out: Path) -> Path:
 
 
 def ingest_stage(cfg: DemoConfig, out: Path) -> dict:
-    from .data.dicom_frames import ultrasound_test_files
+    from .data.ingest.dicom_frames import ultrasound_test_files
     from .data.ingest import ingest
 
     files = ultrasound_test_files()
@@ -139,7 +139,7 @@ def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tup
     pixel mean / std (in [0, 1]) for the normalisation."""
     from PIL import Image
 
-    from .data.torch_loader import frame_stats
+    from .data.load.torch_loader import frame_stats
 
     with (ingest_dir / "manifest.csv").open(newline="") as f:
         frames = [str((ingest_dir / row["path"]).resolve()) for row in csv.DictReader(f)]

@@ -10,7 +10,7 @@ import json
 
 from ..cli import exit_on
 from ..data import LOADER_BACKENDS
-from ..data.image_files import CHECKS
+from ..data.load.image_files import CHECKS
 from ..runtime.precision import FINETUNE_PRECISIONS
 
 
