@@ -17,11 +17,11 @@ import torch
 
 pytest.importorskip("pydicom.data")
 
-from usfmae_fast.train import checkpointing as ckpt  # noqa: E402
-from usfmae_fast.train.config import ConfigError, build_config, validate  # noqa: E402
-from usfmae_fast.train.distributed import DistContext  # noqa: E402
-from usfmae_fast.train.engine import PretrainEngine, TrainingDiverged, pretrain  # noqa: E402
-from usfmae_fast.train.monitor import read_history  # noqa: E402
+from usfmae_fast.pretrain import checkpointing as ckpt  # noqa: E402
+from usfmae_fast.pretrain.config import ConfigError, build_config, validate  # noqa: E402
+from usfmae_fast.pretrain.distributed import DistContext  # noqa: E402
+from usfmae_fast.pretrain.engine import PretrainEngine, TrainingDiverged, pretrain  # noqa: E402
+from usfmae_fast.pretrain.monitor import read_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -125,8 +125,8 @@ def test_ddp_two_gloo_processes_equal_one_process(straight, tmp_path):
 
 KILLED_CHILD = """
 import os, signal, sys
-from usfmae_fast.train.config import build_config
-from usfmae_fast.train.engine import pretrain
+from usfmae_fast.pretrain.config import build_config
+from usfmae_fast.pretrain.engine import pretrain
 cfg = build_config("demo", overrides=dict(__import__("json").loads(sys.argv[1])))
 def kill_after_13(engine):
     if engine.state.step == 13:

@@ -182,8 +182,8 @@ PRETRAIN_FLAGS = {
 
 def _pretrain(args: argparse.Namespace) -> int:
     from .models.checkpoint import CheckpointError
-    from .train.config import ConfigError, build_config
-    from .train.engine import TrainingDiverged, pretrain
+    from .pretrain.config import ConfigError, build_config
+    from .pretrain.engine import TrainingDiverged, pretrain
 
     overrides = {field: getattr(args, flag) for flag, field in PRETRAIN_FLAGS.items()
                  if getattr(args, flag) is not None}
@@ -209,16 +209,16 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _dotted(items: list[str]) -> dict:
-    from .train.config import parse_override  # raises ConfigError on a malformed item
+    from .pretrain.config import parse_override  # raises ConfigError on a malformed item
     return {f"{section}.{name}": value for section, name, value in map(parse_override, items)}
 
 
 def _add_pretrain(sub) -> None:
+    from .pretrain.config import CONFIG_PRESETS
     from .runtime.precision import PRECISIONS
-    from .train.config import CONFIG_PRESETS
     p = sub.add_parser("pretrain", help="MAE pretraining (DDP via torchrun, exact resume, logs, "
                        "figures)", description="Config: defaults <- --preset <- --config <- "
-                       "flags <- --set section.field=value (fields: see usfmae_fast/train/"
+                       "flags <- --set section.field=value (fields: see usfmae_fast/pretrain/"
                        "config.py).")
     p.add_argument("--config", help="YAML file of sections model/data/optim/system/output")
     p.add_argument("--preset", choices=sorted(CONFIG_PRESETS), help="a recipe (default: mae)")

@@ -159,8 +159,8 @@ def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tup
 
 
 def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dict:
-    from .train.config import build_config
-    from .train.engine import pretrain
+    from .pretrain.config import build_config
+    from .pretrain.engine import pretrain
 
     train_cfg = build_config("demo", overrides={
         "model.img_size": cfg.img_size, "model.patch_size": 8 if cfg.img_size >= 64 else 4,
