@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import DTYPES
-from usfmae_fast.data.dali import dali_available
-from usfmae_fast.data.loader import make_loader
+from usfmae_fast.data.load.dali import dali_available
+from usfmae_fast.data.load.loader import make_loader
 
 CUDA = torch.cuda.is_available()
 DALI, DALI_WHY = dali_available()

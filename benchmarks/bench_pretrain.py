@@ -21,7 +21,7 @@ Variants (every one the same model size, parameter names and loss, checked by
 AdamW (betas 0.9 / 0.95, weight decay 0.05, ``fused=True`` on CUDA) for all. Compiled variants
 skip on CPU unless BENCH_PRETRAIN_CPU_COMPILE=1: the first compiled step (ours-cpu) took 110 s
 on the 2-core development machine. ``extra_info`` holds images_per_s, flops_per_image (model FLOPs,
-``usfmae_fast.train.flops``), tflop_s, mfu (against the GPU's datasheet dense peak; None on a
+``usfmae_fast.pretrain.flops``), tflop_s, mfu (against the GPU's datasheet dense peak; None on a
 CPU), and peak_memory_bytes: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA;
 on CPU the growth of the process's peak RSS over its RSS before the model was built.
 """
@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from baselines import FbMaskedAutoencoderViT
 from conftest import DEVICES, DTYPES, usable_backends
 from usfmae_fast.models import MaskedAutoencoderViT
-from usfmae_fast.train import flops
+from usfmae_fast.pretrain import flops
 
 MODEL = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
              decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,

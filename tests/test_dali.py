@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from usfmae_fast.data import loader as loader_module
-from usfmae_fast.data.dali import DaliImageLoader, dali_available
-from usfmae_fast.data.image_files import BadImageWarning
-from usfmae_fast.data.loader import make_loader
-from usfmae_fast.data.torch_loader import US_MEAN, US_STD, TorchImageLoader
+from usfmae_fast.data.load import loader as loader_module
+from usfmae_fast.data.load.dali import DaliImageLoader, dali_available
+from usfmae_fast.data.load.image_files import BadImageWarning
+from usfmae_fast.data.load.loader import make_loader
+from usfmae_fast.data.load.base import US_MEAN, US_STD
+from usfmae_fast.data.load.torch_loader import TorchImageLoader
 
 from test_image_files import corrupt_idat
 

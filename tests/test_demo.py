@@ -13,7 +13,7 @@ pytest.importorskip("pydicom.data")
 
 from test_finetune_report import json_numbers  # noqa: E402
 
-from usfmae_fast.data.torch_loader import GrayFrameDataset  # noqa: E402
+from usfmae_fast.data.load.torch_loader import GrayFrameDataset  # noqa: E402
 from usfmae_fast.finetune.report import fmt, parse_report_numbers  # noqa: E402
 from usfmae_fast.runtime.optim import param_groups, warmup_cosine  # noqa: E402
 

@@ -7,7 +7,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pydicom.data")
 
-from usfmae_fast.data.dicom_frames import (DicomFrameError, load_frames,  # noqa: E402
+from usfmae_fast.data.ingest.dicom_frames import (DicomFrameError, load_frames,  # noqa: E402
                                            read_gray_frames, ultrasound_test_files)
 
 

@@ -368,7 +368,7 @@ def test_cli_scorecam_writes_maps_overlays_grid_and_scores(tmp_path):
 
 
 def test_scorecam_and_evaluation_feed_the_model_the_same_tensors(tmp_path):
-    from usfmae_fast.data.loader import make_loader
+    from usfmae_fast.data.load.loader import make_loader
     from usfmae_fast.explain.run import load_image, model_batch
 
     rng = np.random.default_rng(1)  # not square: a stretch and a resize + centre crop differ

@@ -171,7 +171,7 @@ def test_embed_from_mae_and_classifier(finetuned, labels, mae_ckpt, tmp_path, ca
     import safetensors.torch
     encoder.load_state_dict(safetensors.torch.load_file(mae_ckpt))
     from usfmae_fast.finetune.inference import find_inputs, iter_input_frames
-    from usfmae_fast.data.torch_loader import eval_transform
+    from usfmae_fast.data.load.torch_loader import eval_transform
     _, _, pixels = next(iter_input_frames(find_inputs([labels]), 1))
     x = eval_transform(32, 0.15, 0.2)(pixels)[None]
     expected = encoder.forward_features(x)[:, 1:].mean(dim=1)

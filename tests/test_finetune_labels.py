@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usfmae_fast.data.image_files import BadImageWarning
+from usfmae_fast.data.load.image_files import BadImageWarning
 from usfmae_fast.finetune.labels import GROUP_COLUMNS, LabelError, read_labels
 
 

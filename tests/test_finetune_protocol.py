@@ -183,8 +183,8 @@ def test_mae_pretraining_beats_random_init(tmp_path):
     over (b) (mean +0.02 to +0.04) and more over (c); probes of random features reach
     0.93-0.97, so the test fails when pretraining or its loading does not carry features
     (an untrained or unloaded "pretrained" encoder ties with (b))."""
-    from usfmae_fast.train.config import build_config
-    from usfmae_fast.train.engine import build_model, pretrain, seed_everything
+    from usfmae_fast.pretrain.config import build_config
+    from usfmae_fast.pretrain.engine import build_model, pretrain, seed_everything
 
     pool = make_unlabelled_set(tmp_path / "pool", 240, seed=100)
     mae = build_config(None, overrides={

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import requires_cuda
 from usfmae_fast.models import mae_vit
-from usfmae_fast.train import flops
+from usfmae_fast.pretrain import flops
 
 # odd on purpose: a rectangular grid of 4 x 6 = 24 patches, K = int(24 * 0.4) = 9 kept,
 # mlp_ratio 3, different encoder / decoder widths and head counts

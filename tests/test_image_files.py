@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usfmae_fast.data.image_files import (BadImageWarning, ImageRecord, epoch_batches,
+from usfmae_fast.data.load.image_files import (BadImageWarning, ImageRecord, epoch_batches,
                                           image_problem, load_image_list, read_bytes)
 
 

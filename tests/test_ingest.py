@@ -19,8 +19,8 @@ import nibabel as nib  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from usfmae_fast.cli import main  # noqa: E402
-from usfmae_fast.data.clean import annotation_mask, clean_frame, find_sector  # noqa: E402
-from usfmae_fast.data.dicom_frames import ultrasound_test_files  # noqa: E402
+from usfmae_fast.data.ingest.clean import annotation_mask, clean_frame, find_sector  # noqa: E402
+from usfmae_fast.data.ingest.dicom_frames import ultrasound_test_files  # noqa: E402
 from usfmae_fast.data.ingest import (MANIFEST_COLUMNS, IngestError, ingest,  # noqa: E402
                                      run_parallel)
 

@@ -180,8 +180,8 @@ def _filtered_png(raw: np.ndarray, width: int, depth: int, colour: int, chunks: 
 def test_png_strips_decode_exactly_like_pillow(monkeypatch):
     """Every PNG colour type and bit depth, every filter type, read in strips of a few rows,
     gives the pixels Pillow gives for the whole file."""
-    from usfmae_fast.data import png_stream
-    from usfmae_fast.data.readers import _assemble, _crops
+    from usfmae_fast.data.ingest import png_stream
+    from usfmae_fast.data.ingest.readers import _assemble, _crops
 
     monkeypatch.setattr(png_stream, "_STRIP_BYTES", 700)
     palette = _chunk(b"PLTE", bytes(range(256)) * 3)

@@ -17,11 +17,11 @@ import torch
 
 pytest.importorskip("pydicom.data")
 
-from usfmae_fast.train import checkpointing as ckpt  # noqa: E402
-from usfmae_fast.train.config import ConfigError, build_config, validate  # noqa: E402
-from usfmae_fast.train.distributed import DistContext  # noqa: E402
-from usfmae_fast.train.engine import PretrainEngine, TrainingDiverged, pretrain  # noqa: E402
-from usfmae_fast.train.monitor import read_history  # noqa: E402
+from usfmae_fast.pretrain import checkpointing as ckpt  # noqa: E402
+from usfmae_fast.pretrain.config import ConfigError, build_config, validate  # noqa: E402
+from usfmae_fast.pretrain.distributed import DistContext  # noqa: E402
+from usfmae_fast.pretrain.engine import PretrainEngine, TrainingDiverged, pretrain  # noqa: E402
+from usfmae_fast.pretrain.monitor import read_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -52,7 +52,7 @@ def child_env() -> dict:
 @pytest.fixture(scope="module", autouse=True)
 def decode_the_dicoms_once():
     """Every in-process engine of this module loads the same frames: decode them once."""
-    from usfmae_fast.data import dicom_frames
+    from usfmae_fast.data.ingest import dicom_frames
 
     original, cache = dicom_frames.load_frames, {}
 
@@ -125,8 +125,8 @@ def test_ddp_two_gloo_processes_equal_one_process(straight, tmp_path):
 
 KILLED_CHILD = """
 import os, signal, sys
-from usfmae_fast.train.config import build_config
-from usfmae_fast.train.engine import pretrain
+from usfmae_fast.pretrain.config import build_config
+from usfmae_fast.pretrain.engine import pretrain
 cfg = build_config("demo", overrides=dict(__import__("json").loads(sys.argv[1])))
 def kill_after_13(engine):
     if engine.state.step == 13:
@@ -316,8 +316,8 @@ def _png_folder(folder: Path, count: int) -> Path:
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_loaders_start_mid_epoch(tmp_path, backend):
-    from usfmae_fast.data.dali import dali_available
-    from usfmae_fast.data.loader import make_loader
+    from usfmae_fast.data.load.dali import dali_available
+    from usfmae_fast.data.load.loader import make_loader
 
     if backend == "dali" and not dali_available()[0]:
         pytest.skip(dali_available()[1])

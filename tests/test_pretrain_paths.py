@@ -23,9 +23,9 @@ pytest.importorskip("pydicom.data")
 
 from test_pretrain import (TINY, child_env, decode_the_dicoms_once,  # noqa: E402,F401
                            final_weights, tiny_config)
-from usfmae_fast.train.distributed import DistContext  # noqa: E402
-from usfmae_fast.train.engine import PretrainEngine  # noqa: E402
-from usfmae_fast.train.monitor import read_history  # noqa: E402
+from usfmae_fast.pretrain.distributed import DistContext  # noqa: E402
+from usfmae_fast.pretrain.engine import PretrainEngine  # noqa: E402
+from usfmae_fast.pretrain.monitor import read_history  # noqa: E402
 
 STEPS = 10
 LOW_PRECISION_RTOL = 0.02
@@ -121,9 +121,9 @@ def test_torch_compile_inductor_bf16_matches_eager(fp32_run, bf16_run, tmp_path)
 
 FSDP_CHILD = """
 import json, sys
-from usfmae_fast.train.config import build_config
-from usfmae_fast.train.distributed import is_sharded, setup, teardown
-from usfmae_fast.train.engine import PretrainEngine
+from usfmae_fast.pretrain.config import build_config
+from usfmae_fast.pretrain.distributed import is_sharded, setup, teardown
+from usfmae_fast.pretrain.engine import PretrainEngine
 
 cfg = build_config("demo", overrides=json.loads(sys.argv[1]))
 ctx = setup(cfg.system.device)

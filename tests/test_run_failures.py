@@ -20,10 +20,10 @@ import torch
 
 from _finetune_data import make_labelled_set, tiny_mae_checkpoint
 from usfmae_fast.cli import main
-from usfmae_fast.train import checkpointing as ckpt
-from usfmae_fast.train.config import build_config
-from usfmae_fast.train.engine import TrainingDiverged, pretrain
-from usfmae_fast.train.monitor import read_history
+from usfmae_fast.pretrain import checkpointing as ckpt
+from usfmae_fast.pretrain.config import build_config
+from usfmae_fast.pretrain.engine import TrainingDiverged, pretrain
+from usfmae_fast.pretrain.monitor import read_history
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,8 +166,8 @@ def test_nan_guard_names_a_checkpoint_that_a_lower_lr_trains_on_from(images, tmp
 
 
 def test_non_finite_weights_are_never_written_as_a_checkpoint(images, tmp_path):
-    from usfmae_fast.train.distributed import DistContext
-    from usfmae_fast.train.engine import PretrainEngine
+    from usfmae_fast.pretrain.distributed import DistContext
+    from usfmae_fast.pretrain.engine import PretrainEngine
 
     engine = PretrainEngine(tiny_config(images, tmp_path, **{"optim.steps": 2}), DistContext())
     assert engine.save() is not None

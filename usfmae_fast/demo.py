@@ -124,7 +124,7 @@ def select_subjects(labels_csv: Path, per_class: int | None, out: Path) -> Path:
 
 
 def ingest_stage(cfg: DemoConfig, out: Path) -> dict:
-    from .data.dicom_frames import ultrasound_test_files
+    from .data.ingest.dicom_frames import ultrasound_test_files
     from .data.ingest import ingest
 
     files = ultrasound_test_files()
@@ -139,7 +139,7 @@ def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tup
     pixel mean / std (in [0, 1]) for the normalisation."""
     from PIL import Image
 
-    from .data.torch_loader import frame_stats
+    from .data.load.torch_loader import frame_stats
 
     with (ingest_dir / "manifest.csv").open(newline="") as f:
         frames = [str((ingest_dir / row["path"]).resolve()) for row in csv.DictReader(f)]
@@ -159,8 +159,8 @@ def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tup
 
 
 def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dict:
-    from .train.config import build_config
-    from .train.engine import pretrain
+    from .pretrain.config import build_config
+    from .pretrain.engine import pretrain
 
     train_cfg = build_config("demo", overrides={
         "model.img_size": cfg.img_size, "model.patch_size": 8 if cfg.img_size >= 64 else 4,

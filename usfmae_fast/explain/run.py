@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 
-from ..data.image_files import PNG_JPEG_SUFFIXES
-from ..data.torch_loader import decode_image, eval_geometry, eval_transform
+from ..data.load.image_files import PNG_JPEG_SUFFIXES
+from ..data.load.base import decode_image
+from ..data.load.torch_loader import eval_geometry, eval_transform
 from ..models.classifier import load_classifier, model_input
 from ..runtime.device import resolve_device
 from .figures import save_grid, save_overlay
@@ -41,7 +42,7 @@ def find_images(sources: Sequence) -> list[Path]:
 
 def load_image(path, channels: int, size) -> np.ndarray:
     """``[H, W, channels]`` float in [0, 1]: the image as the model sees it, evaluation's
-    resize + centre crop (:func:`~usfmae_fast.data.torch_loader.eval_geometry`) to ``size``
+    resize + centre crop (:func:`~usfmae_fast.data.load.torch_loader.eval_geometry`) to ``size``
     (height, width)."""
     pixels = eval_geometry(tuple(size))(decode_image(Path(path).read_bytes(), channels))
     return pixels.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
@@ -49,7 +50,7 @@ def load_image(path, channels: int, size) -> np.ndarray:
 
 def model_batch(paths: Sequence, channels: int, size, mean, std) -> torch.Tensor:
     """The model's input ``[N, channels, H, W]``, prepared by evaluation's own
-    :func:`~usfmae_fast.data.torch_loader.eval_transform` (resize + centre crop, normalise)."""
+    :func:`~usfmae_fast.data.load.torch_loader.eval_transform` (resize + centre crop, normalise)."""
     transform = eval_transform(tuple(size), mean, std)
     return torch.stack([transform(decode_image(Path(p).read_bytes(), channels)) for p in paths])
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.image_files import ImageList
+from ..data.load.image_files import ImageList
 from ..models.mae import PRESETS
 from ..data import LOADER_BACKENDS
 from ..runtime.device import DEVICE_PATTERN, resolve_device
@@ -168,7 +168,7 @@ def accelerate_vit(model: nn.Module) -> nn.Module:
 
 def make_eval_loader(images: ImageList, prep: Preprocess, cfg: TrainConfig, device,
                      batch_size: int | None = None):
-    from ..data.loader import make_loader
+    from ..data.load.loader import make_loader
 
     return make_loader(images, "eval", batch_size=batch_size or 2 * cfg.batch_size,
                        img_size=prep.img_size, channels=prep.in_chans, device=device,
@@ -272,7 +272,7 @@ class _Training:
     """The state of one fold's run (model, loaders, optimizer, loss) while it trains."""
 
     def __init__(self, spec, train: LabelledSet, val: LabelledSet, cfg: TrainConfig, seed):
-        from ..data.loader import make_loader
+        from ..data.load.loader import make_loader
 
         self.spec, self.cfg, self.seed = spec, cfg, seed
         self.device = resolve_device(cfg.device)

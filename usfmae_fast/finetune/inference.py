@@ -2,7 +2,7 @@
 pooled encoder features to ``.npy`` (``embed``).
 
 Inputs: image files (PNG / JPEG / BMP / TIFF, read with Pillow), DICOM files (every frame of
-a cine loop, one row each, through ``data.dicom_frames``; files without an extension are
+a cine loop, one row each, through ``data.ingest.dicom_frames``; files without an extension are
 recognised by content), folders searched recursively for both, or a CSV with a ``path`` column
 (paths relative to it; its other columns, e.g. labels and patient ids, are copied into the
 output table). Each frame is prepared as the loaders' eval transform does (short side to the
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, UnreadableFileError, kind_of
-from ..data.torch_loader import eval_transform
+from ..data.ingest.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, UnreadableFileError, kind_of
+from ..data.load.torch_loader import eval_transform
 from .engine import autocast, resolve_device, write_predictions, write_rows
 from ..models.classifier import load_finetuned
 from .models import MAE_ARCH, ModelSpec, build_classifier
@@ -78,9 +78,9 @@ def _kind(path: Path, strict: bool) -> str | None:
 def iter_input_frames(inputs: list[Input],
                       channels: int) -> Iterator[tuple[Input, int, torch.Tensor]]:
     """``(input, frame number, uint8 [channels, H, W])`` of every frame of every input."""
-    from ..data.dicom_frames import iter_frames as dicom_frames
-    from ..data.dicom_frames import open_dicom
-    from ..data.torch_loader import decode_image
+    from ..data.ingest.dicom_frames import iter_frames as dicom_frames
+    from ..data.ingest.dicom_frames import open_dicom
+    from ..data.load.base import decode_image
 
     for item in inputs:
         if item.kind == "image":

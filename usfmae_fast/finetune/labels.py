@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.image_files import (ImageList, ImageRecord, check_images, image_records_in,
+from ..data.load.image_files import (ImageList, ImageRecord, check_images, image_records_in,
                                 sort_class_names)
 
 GROUP_COLUMNS = ("patient_id", "patient", "study_id", "study", "group")
@@ -182,7 +182,7 @@ def read_labels(source, classes: Sequence[str] | None = None, check: str = "head
 
     Classes are sorted (numerically when every name is an integer) unless ``classes`` is given,
     e.g. a trained model's class list, in which case every label must be one of them.
-    ``check`` is the image check of :func:`usfmae_fast.data.image_files.check_images`.
+    ``check`` is the image check of :func:`usfmae_fast.data.load.image_files.check_images`.
     ``allow_outside_root``: a CSV may list images outside its own folder.
     """
     source = Path(source)

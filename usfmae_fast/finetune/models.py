@@ -47,7 +47,7 @@ import safetensors
 import torch
 from torch import nn
 
-from ..data.torch_loader import US_MEAN, US_STD, channel_values
+from ..data.load.base import US_MEAN, US_STD, channel_values
 from ..models import checkpoint as mck
 from ..models.classifier import (LoadedClassifier, load_finetuned,  # noqa: F401 - public here
                                  write_classifier)

@@ -106,7 +106,7 @@ def read_file(path, name: str = "checkpoint") -> tuple[object, dict]:
 
 def read_checkpoint(path) -> tuple[StateDict, dict | None]:
     """``(state_dict, config)`` from a ``.safetensors`` (ours), fb/mae ``.pth``, raw ``.pt`` or
-    one of our training checkpoints (``train/checkpointing.py``).
+    one of our training checkpoints (``pretrain/checkpointing.py``).
 
     ``config`` is our saved ``model.config`` (safetensors metadata or a JSON file beside it,
     a training checkpoint's ``model_config``),

@@ -1,6 +1,6 @@
-"""Training: the MAE pretraining engine (config, loop, checkpoints, logs) and its figures.
+"""Pretraining: the MAE pretraining engine (config, loop, checkpoints, logs) and its figures.
 
-The names below are imported on first use: the command line reads ``train.config`` (no torch)
+The names below are imported on first use: the command line reads ``pretrain.config`` (no torch)
 to build its parser, and ``usfmae-fast ingest`` must not pay for torch (about 600 MB)."""
 from ..runtime.lazy import lazy_exports
 

@@ -1,4 +1,4 @@
-"""``usfmae-fast finetune | evaluate | predict | embed`` (registered by ``usfmae_fast.cli``).
+"""``usfmae-fast finetune | evaluate | predict | embed``: the clinical protocol (usfmae_fast/finetune/).
 
 Bad input (labels, classes, splits, checkpoints, model names, hyper-parameters) is reported
 before any training, on stderr, with exit code 2 (the mapping of ``usfmae_fast.cli.exit_on``).
@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import exit_on
+from . import exit_on
 from ..data import LOADER_BACKENDS
-from ..data.image_files import CHECKS
+from ..data.load.image_files import CHECKS
 from ..runtime.precision import FINETUNE_PRECISIONS
 
 
@@ -63,8 +63,8 @@ def _weights(items: list[str]) -> dict[str, str]:
 
 def _finetune(args: argparse.Namespace) -> int:
     from ..runtime.lock import check_free
-    from .engine import TrainConfig
-    from .protocol import ProtocolConfig, prepare, quick_config, run_protocol
+    from ..finetune.engine import TrainConfig
+    from ..finetune.protocol import ProtocolConfig, prepare, quick_config, run_protocol
 
     train = {f: getattr(args, f) for f in [*TRAIN_FLAGS, *TRAIN_CHOICES]
              if getattr(args, f) is not None}
@@ -150,8 +150,8 @@ def _add_finetune(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     def run(args: argparse.Namespace) -> int:
-        from .engine import TrainConfig
-        from .protocol import evaluate_checkpoints
+        from ..finetune.engine import TrainConfig
+        from ..finetune.protocol import evaluate_checkpoints
         with exit_on():
             train = TrainConfig(batch_size=args.batch_size, device=args.device,
                                 backend=args.backend, workers=args.workers, progress=False)
@@ -188,7 +188,7 @@ def _add_evaluate(sub) -> None:
 
 def _add_predict(sub) -> None:
     def run(args: argparse.Namespace) -> int:
-        from .inference import predict_images
+        from ..finetune.inference import predict_images
         with exit_on():
             summary = predict_images(args.ckpt, args.images, args.out,
                                      batch_size=args.batch_size, device=args.device,
@@ -211,7 +211,7 @@ def _add_predict(sub) -> None:
 
 def _add_embed(sub) -> None:
     def run(args: argparse.Namespace) -> int:
-        from .inference import embed_images
+        from ..finetune.inference import embed_images
         with exit_on():
             summary = embed_images(args.ckpt, args.images, args.out, img_size=args.img_size,
                                    in_chans=args.in_chans, global_pool=args.global_pool,
@@ -239,7 +239,7 @@ def _add_embed(sub) -> None:
 
 
 def add_commands(sub) -> None:
-    """Register the four commands on the ``usfmae-fast`` subparsers."""
+    """Register ``finetune``, ``evaluate``, ``predict`` and ``embed``."""
     _add_finetune(sub)
     _add_evaluate(sub)
     _add_predict(sub)

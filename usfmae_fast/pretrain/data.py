@@ -4,9 +4,9 @@ reconstruction figure.
 ``data.source``:
 
 - ``"demo"``: every frame of the ultrasound DICOMs shipped by pydicom-data, in memory
-  (:class:`~usfmae_fast.data.torch_loader.FrameLoader`); normalised with their own mean / std;
+  (:class:`~usfmae_fast.data.load.torch_loader.FrameLoader`); normalised with their own mean / std;
   the middle frame of each of the ``heldout`` longest files is kept out of training.
-- anything :func:`~usfmae_fast.data.loader.make_loader` reads (ingest output folder,
+- anything :func:`~usfmae_fast.data.load.loader.make_loader` reads (ingest output folder,
   ``manifest.csv``, tar shards): ``heldout`` images drawn with the run's seed are kept out,
   the rest is sharded over the ranks by ``make_loader``.
 
@@ -50,8 +50,8 @@ def holdout_indices(sources: list[str], count: int) -> list[int]:
 
 
 def _demo_data(cfg: DataConfig, loader_cfg) -> PretrainData:
-    from ..data.dicom_frames import load_frames, ultrasound_test_files
-    from ..data.torch_loader import FrameLoader, GrayFrameDataset, frame_stats
+    from ..data.ingest.dicom_frames import load_frames, ultrasound_test_files
+    from ..data.load.torch_loader import FrameLoader, GrayFrameDataset, frame_stats
 
     frames, report = load_frames(ultrasound_test_files(),
                                  max_frames_per_file=cfg.max_frames_per_file)
@@ -82,8 +82,8 @@ def _demo_data(cfg: DataConfig, loader_cfg) -> PretrainData:
 
 
 def _file_data(cfg: DataConfig, loader_cfg) -> PretrainData:
-    from ..data.image_files import load_image_list
-    from ..data.loader import make_loader
+    from ..data.load.image_files import load_image_list
+    from ..data.load.loader import make_loader
 
     images = load_image_list(cfg.source)
     count = min(cfg.heldout, max(0, len(images) - 1))
@@ -112,7 +112,7 @@ def _file_data(cfg: DataConfig, loader_cfg) -> PretrainData:
 def build_data(cfg: DataConfig, *, img_size: int, channels: int, micro_batch: int, seed: int,
                rank: int, world_size: int, device: torch.device) -> PretrainData:
     """This rank's loader of ``micro_batch`` images per step, and the held-out images."""
-    from ..data.torch_loader import LoaderConfig
+    from ..data.load.base import LoaderConfig
 
     loader_cfg = LoaderConfig(kind="pretrain", batch_size=micro_batch, img_size=img_size,
                               channels=channels, device=device, seed=seed, rank=rank,

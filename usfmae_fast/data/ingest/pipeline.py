@@ -72,8 +72,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from ..runtime.files import atomic_write
-from ..runtime.lock import output_lock
+from ...runtime.files import atomic_write
+from ...runtime.lock import output_lock
 from .dicom_frames import PathLike
 from .readers import open_source
 

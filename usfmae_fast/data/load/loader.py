@@ -13,11 +13,12 @@ import warnings
 
 import torch
 
-from ..runtime.device import resolve_device
-from . import LOADER_BACKENDS
+from ...runtime.device import resolve_device
+from .. import LOADER_BACKENDS
 from .dali import DaliImageLoader, dali_available
 from .image_files import load_image_list
-from .torch_loader import SCALE, US_MEAN, US_STD, EpochLoader, LoaderConfig, Stat, TorchImageLoader
+from .base import SCALE, US_MEAN, US_STD, EpochLoader, LoaderConfig, Stat
+from .torch_loader import TorchImageLoader
 
 
 

@@ -4,7 +4,7 @@ On a GPU the decoders run with ``device="mixed"`` (nvJPEG, with the hardware JPE
 A100 / H100; PNG is decoded on the host threads) and everything after them on the device;
 without one the pipeline is built with ``device_id=None`` and runs on the CPU. The sampling
 plan, sharding, labels, augmentation and normalisation are those of
-:class:`~usfmae_fast.data.torch_loader.TorchImageLoader`:
+:class:`~usfmae_fast.data.load.torch_loader.TorchImageLoader`:
 
 - pretrain / train: ``decoders.image_random_crop`` (area ``crop_scale``, default 0.2-1, aspect 3/4-4/3) -> resize to
   S x S (cubic, antialiased) -> optional rotation -> ``crop_mirror_normalize`` with a random
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .image_files import ImageList, read_bytes, warn_bad
-from .torch_loader import RATIO, EpochLoader, LoaderConfig, decode_image
+from .base import RATIO, EpochLoader, LoaderConfig, decode_image
 
 _DECODER_OPERATOR = "fn.decoders."  # how DALI names the operator in a decoding error
 
