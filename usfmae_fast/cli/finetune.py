@@ -66,10 +66,10 @@ def _weights(items: list[str]) -> dict[str, str]:
     return pairs
 
 
-def _config_args(p, what: str) -> None:
+def _config_args(p, what: str, example: str = "train.epochs=3") -> None:
     p.add_argument("--config", metavar="FILE.yaml", help=f"YAML mapping of {what} fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any config field, e.g. --set train.epochs=3 (repeatable; wins over "
+                   help=f"any config field, e.g. --set {example} (repeatable; wins over "
                    "--config and the flags)")
 
 
@@ -214,7 +214,7 @@ def _add_evaluate(sub) -> None:
                        "by one and as an ensemble (mean probability). " + CONFIG_ORDER)
     p.add_argument("--ckpt", required=True, nargs="+", help="classifier checkpoint(s)")
     p.add_argument("--labels", required=True, help="labels CSV or a folder per class")
-    _config_args(p, "EvaluateConfig")
+    _config_args(p, "EvaluateConfig", "n_boot=200")
     p.add_argument("--out", help=default("out_dir", "output folder"))
     p.add_argument("--name", help=default("name", "model name in the report"))
     p.add_argument("--title", help=default("title"))
