@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data import LOADER_BACKENDS
-from ..runtime.config import ConfigError, coerce, parse_override  # noqa: F401 (re-exported)
+from ..runtime.config import (ConfigError, coerce, parse_override,  # noqa: F401 (re-exported)
+                              set_value)
 from ..runtime.device import DEVICE_PATTERN
 from ..runtime.precision import PRECISIONS
 
@@ -148,26 +149,14 @@ CONFIG_PRESETS: dict[str, dict] = {
 }
 
 
-def _section_types(section: str) -> dict:
-    return typing.get_type_hints(SECTIONS[section])
-
-
-_coerce = coerce
-
-
 def _apply(cfg: PretrainConfig, section: str, values, origin: str) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"{origin}: unknown section {section!r}; sections are "
                           f"{', '.join(SECTIONS)}")
     if not isinstance(values, dict):
         raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
-    hints = _section_types(section)
-    target = getattr(cfg, section)
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{origin}: unknown field {section}.{key}; {section} has "
-                              f"{', '.join(hints)}")
-        setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+    for key, value in values.items():  # the shared mechanism: runtime.config.set_value
+        set_value(cfg, f"{section}.{key}", value, origin)
 
 
 def apply_preset(cfg: PretrainConfig, name: str) -> PretrainConfig:

@@ -93,38 +93,35 @@ def _hints(obj) -> dict:
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
-def set_value(obj, key: str, value, origin: str = "override"):
-    """Set the (dotted) field ``key`` of the dataclass ``obj``; ``ConfigError`` naming the key
-    when it is unknown or ``value`` has the wrong type."""
+def set_value(obj, key: str, value, origin: str = "override", path: str = ""):
+    """Set the (dotted) field ``key`` of the dataclass ``obj`` (``path``: where ``obj`` lies in
+    the whole config, for messages); ``ConfigError`` naming the full key when it is unknown or
+    ``value`` has the wrong type."""
     head, dot, rest = key.partition(".")
     hints = _hints(obj)
+    full = path + head
     if head not in hints:
-        raise ConfigError(f"{origin}: unknown field {key!r}; {type(obj).__name__} has "
-                          f"{', '.join(hints)}")
+        raise ConfigError(f"{origin}: unknown field {full}; {path.rstrip('.') or type(obj).__name__}"
+                          f" has {', '.join(hints)}")
     current = getattr(obj, head)
     if dot:
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{origin}: {head!r} has no fields ({key!r})")
-        set_value(current, rest, value, origin)
+            raise ConfigError(f"{origin}: {full} has no fields ({path}{key})")
+        set_value(current, rest, value, origin, full + ".")
     elif dataclasses.is_dataclass(current):
-        apply_mapping(current, value, origin, prefix=f"{head}.")
+        apply_mapping(current, value, origin, full + ".")
     else:
-        setattr(obj, head, coerce(value, hints[head], key))
+        setattr(obj, head, coerce(value, hints[head], full))
     return obj
 
 
-def apply_mapping(obj, values, origin: str, prefix: str = ""):
+def apply_mapping(obj, values, origin: str, path: str = ""):
     """Set every entry of ``values`` (a mapping; nested mappings fill nested sections)."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{origin}: {prefix.rstrip('.') or 'the config'} must be a mapping, "
+        raise ConfigError(f"{origin}: {path.rstrip('.') or 'the config'} must be a mapping, "
                           f"got {values!r}")
     for key, value in values.items():
-        try:
-            set_value(obj, str(key), value, origin)
-        except ConfigError as exc:
-            if prefix and str(exc).startswith(f"{origin}: unknown field"):
-                raise ConfigError(f"{origin}: unknown field {prefix}{key}") from exc
-            raise
+        set_value(obj, str(key), value, origin, path)
     return obj
 
 
