@@ -11,38 +11,43 @@ import json
 from . import exit_on
 from ..data import LOADER_BACKENDS
 from ..data.load.image_files import CHECKS
+from ..finetune.config import EvaluateConfig, ProtocolConfig, TrainConfig
+from ..runtime.config import help_for
 from ..runtime.precision import FINETUNE_PRECISIONS
+
+CONFIG_ORDER = ("Config: the defaults (shown below; --quick starts from a smaller run) <- "
+                "--config FILE.yaml <- the flags given <- --set key=value (repeatable).")
 
 
 # TrainConfig fields settable by a flag of the same name (dashes for underscores)
 TRAIN_FLAGS = {
-    "epochs": (int, "training epochs per fold (default: 50)"),
-    "batch_size": (int, "images per step (default: 32)"),
-    "blr": (float, "fine-tuning base lr; lr = blr x batch / 256 (default: 5e-4)"),
-    "probe_blr": (float, "linear-probe base lr (default: 0.1)"),
+    "epochs": (int, "training epochs per fold"),
+    "batch_size": (int, "images per step"),
+    "blr": (float, "fine-tuning base lr; lr = blr x batch / 256"),
+    "probe_blr": (float, "linear-probe base lr"),
     "lr": (float, "absolute peak lr (instead of blr / probe-blr)"),
-    "min_lr": (float, "final lr of the cosine (default: 1e-6)"),
-    "warmup_epochs": (float, "linear warmup (default: 5)"),
-    "weight_decay": (float, "AdamW weight decay (default: 0.05)"),
-    "layer_decay": (float, "layer-wise lr decay of pretrained ViTs, 1 = off (default: 0.65)"),
-    "drop_path": (float, "stochastic depth rate (default: 0.1)"),
-    "smoothing": (float, "label smoothing (default: 0.1)"),
-    "mixup": (float, "timm Mixup alpha, 0 = off (default: 0)"),
-    "cutmix": (float, "timm CutMix alpha, 0 = off (default: 0)"),
-    "patience": (int, "early stopping: epochs without a better validation AUC, 0 = never "
-                      "(default: 10)"),
-    "clip_grad": (float, "gradient norm clipping (default: none)"),
-    "img_size": (int, "input size in pixels (default: 224)"),
+    "min_lr": (float, "final lr of the cosine"),
+    "warmup_epochs": (float, "linear warmup epochs"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "layer_decay": (float, "layer-wise lr decay of pretrained ViTs, 1 = off"),
+    "drop_path": (float, "stochastic depth rate"),
+    "smoothing": (float, "label smoothing"),
+    "mixup": (float, "timm Mixup alpha, 0 = off"),
+    "cutmix": (float, "timm CutMix alpha, 0 = off"),
+    "patience": (int, "early stopping: epochs without a better validation AUC, 0 = never"),
+    "clip_grad": (float, "gradient norm clipping"),
+    "img_size": (int, "input size in pixels"),
     "in_chans": (int, "1 (gray, default) or 3 (RGB)"),
     "vit_size": (str, "vit_scratch's size without --init: tiny/small/base/large/huge"),
     "mean": (float, "normalisation mean (default: the pretraining run's, else 0.15)"),
     "std": (float, "normalisation std (default: the pretraining run's, else 0.20)"),
-    "rotate": (float, "max random rotation in degrees while training (default: 0)"),
-    "crop_min": (float, "smallest random-crop area fraction while training (default: 0.2)"),
-    "device": (str, "auto, cpu, cuda, cuda:N (default: auto)"),
+    "rotate": (float, "max random rotation in degrees while training"),
+    "crop_min": (float, "smallest random-crop area fraction while training"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
     "workers": (int, "loader threads / processes"),
     "threads": (int, "torch CPU threads"),
 }
+TRAIN_FLAGS_OWN_DEFAULT = ("lr", "in_chans", "mean", "std", "workers", "threads")  # told in text
 TRAIN_CHOICES = {"imbalance": ("none", "weights", "sampler"), "global_pool": ("avg", "token"),
                  "precision": FINETUNE_PRECISIONS, "backend": LOADER_BACKENDS}
 
@@ -61,27 +66,46 @@ def _weights(items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _config_args(p, what: str, example: str = "train.epochs=3") -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help=f"YAML mapping of {what} fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help=f"any config field, e.g. --set {example} (repeatable; wins over "
+                   "--config and the flags)")
+
+
+def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
+    """The validated :class:`ProtocolConfig` of ``finetune``'s arguments: defaults (or
+    ``--quick``'s) <- ``--config`` <- the flags given <- ``--set``; ``ConfigError`` /
+    ``ValueError`` on a bad key or value."""
+    from ..finetune.protocol import quick_config
+    from ..runtime.config import build
+
+    flags = {f"train.{f}": getattr(args, f) for f in [*TRAIN_FLAGS, *TRAIN_CHOICES]
+             if getattr(args, f) is not None}
+    if flags.get("train.patience") == 0:
+        flags["train.patience"] = None
+    if args.quiet:
+        flags["train.progress"] = False
+    protocol = dict(
+        out_dir=args.out, models=_names(args.models), init=args.init,
+        weights=_weights(args.weights) if args.weights else None,
+        classes=_names(args.classes), test_labels=args.test_labels, folds=args.folds,
+        test_size=args.test_size, seed=args.seed, n_boot=args.n_boot, check=args.check,
+        allow_outside_root=args.allow_outside_root or None, title=args.title)
+    flags.update({k: v for k, v in protocol.items() if v is not None})
+    base = quick_config(args.labels, ProtocolConfig.out_dir) if args.quick else \
+        ProtocolConfig(args.labels)
+    return build(base, args.config, flags, args.set or [])
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from ..runtime.lock import check_free
-    from ..finetune.engine import TrainConfig
-    from ..finetune.protocol import ProtocolConfig, prepare, quick_config, run_protocol
+    from ..finetune.protocol import prepare, run_protocol
 
-    train = {f: getattr(args, f) for f in [*TRAIN_FLAGS, *TRAIN_CHOICES]
-             if getattr(args, f) is not None}
-    if train.get("patience") == 0:
-        train["patience"] = None
-    if args.quiet:
-        train["progress"] = False
-    check_free(args.out)  # a second run into a busy folder fails now, not after the checks
     with exit_on():
-        protocol = {k: v for k, v in dict(
-            models=_names(args.models), init=args.init, weights=_weights(args.weights or []),
-            classes=_names(args.classes), test_labels=args.test_labels, folds=args.folds,
-            test_size=args.test_size, seed=args.seed, n_boot=args.n_boot, check=args.check,
-            allow_outside_root=args.allow_outside_root or None,
-            title=args.title).items() if v is not None}
-        cfg = (quick_config(args.labels, args.out, train=train, **protocol) if args.quick else
-               ProtocolConfig(args.labels, args.out, train=TrainConfig(**train), **protocol))
+        cfg = config_from_args(args)
+    check_free(cfg.out_dir)  # a second run into a busy folder fails now, not after the checks
+    with exit_on():
         plan = prepare(cfg)
     report = run_protocol(cfg, plan)
     for name, model in report["models"].items():
@@ -92,7 +116,7 @@ def _finetune(args: argparse.Namespace) -> int:
             line += (f"   test AUC (ensemble) {_num(model['test']['ensemble']['auc'])} "
                      f"[{_num(ci[0])}, {_num(ci[1])}]")
         print(line)
-    print(f"report: {args.out}/report.md, {args.out}/report.json")
+    print(f"report: {cfg.out_dir}/report.md, {cfg.out_dir}/report.json")
     return 0
 
 
@@ -114,12 +138,13 @@ def _add_finetune(sub) -> None:
                        "usfmae_fast/finetune/protocol.py. Models: usfmae (from --init), "
                        "vit_scratch (same ViT, random init), any timm name (densenet169, "
                        "resnet50, vit_base_patch16_224; --weights for local pretrained "
-                       "weights), each optionally with the suffix _linprobe.")
+                       "weights), each optionally with the suffix _linprobe. " + CONFIG_ORDER)
     p.add_argument("--labels", required=True, help="labels CSV (path,label[,patient_id]) or a "
                    "folder per class")
-    p.add_argument("--out", default="outputs/finetune", help="output folder (default: "
-                   "%(default)s)")
-    p.add_argument("--models", help="comma-separated model names (default: usfmae)")
+    _config_args(p, "ProtocolConfig (train: a mapping of TrainConfig)")
+    p.add_argument("--out", help=help_for(ProtocolConfig, "out_dir", "output folder"))
+    p.add_argument("--models", help=help_for(ProtocolConfig, "models",
+                                             "comma-separated model names"))
     p.add_argument("--init", help="pretrained MAE checkpoint: ours (.safetensors / training "
                    "checkpoint), fb/mae .pth, USF-MAE .pt, timm ViT export")
     p.add_argument("--weights", action="append", metavar="NAME=PATH",
@@ -127,61 +152,79 @@ def _add_finetune(sub) -> None:
     p.add_argument("--classes", help="comma-separated class order (default: sorted labels)")
     p.add_argument("--test-labels", help="an independent labelled test set instead of "
                    "holding out --test-size of --labels")
-    p.add_argument("--folds", type=int, help="cross-validation folds (default: 5)")
-    p.add_argument("--test-size", type=float, help="held-out test fraction, 0 = none "
-                   "(default: 0.2)")
-    p.add_argument("--seed", type=int, help="splits and fold k's training use seed + k "
-                   "(default: 0)")
-    p.add_argument("--n-boot", type=int, help="bootstrap resamples (default: 1000)")
+    p.add_argument("--folds", type=int, help=help_for(ProtocolConfig, "folds",
+                                                      "cross-validation folds"))
+    p.add_argument("--test-size", type=float, help=help_for(
+        ProtocolConfig, "test_size", "held-out test fraction, 0 = none"))
+    p.add_argument("--seed", type=int, help=help_for(
+        ProtocolConfig, "seed", "splits and fold k's training use seed + k"))
+    p.add_argument("--n-boot", type=int, help=help_for(ProtocolConfig, "n_boot",
+                                                       "bootstrap resamples"))
     p.add_argument("--check", choices=CHECKS,
-                   help="image check before training (default: header)")
+                   help=help_for(ProtocolConfig, "check", "image check before training"))
     _add_outside_root(p)
-    p.add_argument("--title", help="report title")
+    p.add_argument("--title", help=help_for(ProtocolConfig, "title", "report title"))
     for name, (kind, text) in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+        p.add_argument("--" + name.replace("_", "-"), type=kind,
+                       help=text if name in TRAIN_FLAGS_OWN_DEFAULT else
+                       help_for(TrainConfig, name, text))
     for name, choices in TRAIN_CHOICES.items():
         p.add_argument("--" + name.replace("_", "-"), choices=choices,
-                       help=f"default: {choices[0]}")
+                       help=help_for(TrainConfig, name))
     p.add_argument("--quick", action="store_true", help="a small smoke-test run: 32 px, 2 "
-                   "folds, 3 epochs (flags still override)")
+                   "folds, 3 epochs (--config, flags and --set still override)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_finetune)
 
 
+def evaluate_config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    """The validated :class:`EvaluateConfig` of ``evaluate``'s arguments: defaults <-
+    ``--config`` <- the flags given <- ``--set``."""
+    from ..runtime.config import build
+    flags = {"ckpt": args.ckpt, "labels": args.labels, "out_dir": args.out, "name": args.name,
+             "title": args.title, "n_boot": args.n_boot, "seed": args.seed, "check": args.check,
+             "allow_outside_root": args.allow_outside_root or None,
+             "batch_size": args.batch_size, "device": args.device, "backend": args.backend,
+             "workers": args.workers}
+    return build(EvaluateConfig(), args.config,
+                 {k: v for k, v in flags.items() if v is not None}, args.set or [])
+
+
 def _add_evaluate(sub) -> None:
     def run(args: argparse.Namespace) -> int:
-        from ..finetune.engine import TrainConfig
         from ..finetune.protocol import evaluate_checkpoints
         with exit_on():
-            train = TrainConfig(batch_size=args.batch_size, device=args.device,
-                                backend=args.backend, workers=args.workers, progress=False)
-            report = evaluate_checkpoints(args.ckpt, args.labels, args.out, name=args.name,
-                                          n_boot=args.n_boot, seed=args.seed, check=args.check,
-                                          title=args.title, train=train,
-                                          allow_outside_root=args.allow_outside_root)
-        ensemble = report["models"][args.name]["test"]["ensemble"]
+            cfg = evaluate_config_from_args(args)
+            report = evaluate_checkpoints(cfg.ckpt, cfg.labels, cfg.out_dir, name=cfg.name,
+                                          n_boot=cfg.n_boot, seed=cfg.seed, check=cfg.check,
+                                          title=cfg.title, train=cfg.train_config(),
+                                          allow_outside_root=cfg.allow_outside_root)
+        ensemble = report["models"][cfg.name]["test"]["ensemble"]
         print(json.dumps({k: ensemble[k] for k in ("auc", "f1", "accuracy", "precision",
                                                     "recall", "specificity", "n")}, indent=2))
-        print(f"report: {args.out}/report.md, {args.out}/report.json")
+        print(f"report: {cfg.out_dir}/report.md, {cfg.out_dir}/report.json")
         return 0
+
+    def default(name: str, text: str = "") -> str:
+        return help_for(EvaluateConfig, name, text)
 
     p = sub.add_parser("evaluate", help="classifier checkpoint(s) + a labelled set -> metrics "
                        "with CIs, ROC / confusion figures, report",
                        description="Several checkpoints (e.g. the fold models) are scored one "
-                       "by one and as an ensemble (mean probability).")
+                       "by one and as an ensemble (mean probability). " + CONFIG_ORDER)
     p.add_argument("--ckpt", required=True, nargs="+", help="classifier checkpoint(s)")
     p.add_argument("--labels", required=True, help="labels CSV or a folder per class")
-    p.add_argument("--out", default="outputs/evaluate", help="output folder (default: "
-                   "%(default)s)")
-    p.add_argument("--name", default="model", help="model name in the report")
-    p.add_argument("--title", default="Evaluation report")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--check", choices=CHECKS, default="header")
+    _config_args(p, "EvaluateConfig", "n_boot=200")
+    p.add_argument("--out", help=default("out_dir", "output folder"))
+    p.add_argument("--name", help=default("name", "model name in the report"))
+    p.add_argument("--title", help=default("title"))
+    p.add_argument("--n-boot", type=int, help=default("n_boot", "bootstrap resamples"))
+    p.add_argument("--seed", type=int, help=default("seed", "bootstrap seed"))
+    p.add_argument("--check", choices=CHECKS, help=default("check"))
     _add_outside_root(p)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=LOADER_BACKENDS, default="auto")
+    p.add_argument("--batch-size", type=int, help=default("batch_size"))
+    p.add_argument("--device", help=default("device"))
+    p.add_argument("--backend", choices=LOADER_BACKENDS, help=default("backend"))
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=run)
 
@@ -203,9 +246,10 @@ def _add_predict(sub) -> None:
                    help="image or DICOM files, folders, or a CSV with a path column")
     p.add_argument("--out", default="predictions.csv", help="CSV written (default: "
                    "%(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    p.add_argument("--device", default="auto", help="default: %(default)s")
+    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto",
+                   help="default: %(default)s")
     p.set_defaults(func=run)
 
 
@@ -232,9 +276,10 @@ def _add_embed(sub) -> None:
                    help="input size of an MAE checkpoint (default: its own)")
     p.add_argument("--in-chans", type=int, choices=[1, 3], default=1)
     p.add_argument("--global-pool", choices=["avg", "token"], default="avg")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    p.add_argument("--device", default="auto", help="default: %(default)s")
+    p.add_argument("--precision", choices=FINETUNE_PRECISIONS, default="auto",
+                   help="default: %(default)s")
     p.set_defaults(func=run)
 
 

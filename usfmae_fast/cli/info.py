@@ -16,19 +16,19 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _selftest(args: argparse.Namespace) -> int:
-    from ..ops import _backend, _trust
-    for flag, given, known in (("--op", args.op, _backend._OPS), ("--backend", args.backend,
-                               _backend.BACKENDS), ("--dtype", args.dtype, _trust.DTYPES)):
+    from .. import ops
+    for flag, given, known in (("--op", args.op, ops.OPS), ("--backend", args.backend,
+                               ops.BACKENDS), ("--dtype", args.dtype, ops.SELFTEST_DTYPES)):
         unknown = sorted(set(given or ()) - set(known))
         if unknown:
             raise CommandExit(EXIT_BAD_INPUT, ValueError(
                 f"{flag} {', '.join(unknown)} is not one of {', '.join(sorted(known))}"))
-    rows = _trust.selftest(args.op, args.backend, args.dtype)
+    rows = ops.selftest(args.op, args.backend, args.dtype)
     failed = any(r["status"] == "fail" for r in rows)
     if args.json:
         print(json.dumps({"passed": not failed, "rows": rows}, indent=2))
     else:
-        print(_trust.render(rows))
+        print(ops.render_selftest(rows))
     return EXIT_FAILURE if failed else 0
 
 

@@ -38,8 +38,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["optim.steps"] = None  # the run length in epochs, not a preset's steps
     with exit_on(bad_input=(ConfigError,)):
         cfg = build_config(args.preset, args.config, {**overrides, **_dotted(args.set or [])})
-    with exit_on(bad_input=(FileExistsError, FileNotFoundError, CheckpointError),  # --out /
-                 stopped=(TrainingDiverged,)):               # --data / --resume / --init-from
+    with exit_on(bad_input=(ConfigError, FileExistsError, FileNotFoundError, CheckpointError),
+                 stopped=(TrainingDiverged,)):  # data.source unset / --out / --data / --resume
         summary = pretrain(cfg)
     if "artefacts" in summary and not args.quiet:
         for name, path in summary["artefacts"].items():

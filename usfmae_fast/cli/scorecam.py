@@ -7,18 +7,38 @@ import json
 from . import exit_on
 
 
+CONFIG_ORDER = ("Config: the ScorecamConfig defaults (usfmae_fast/explain/config.py) <- "
+                "--config FILE.yaml <- the flags given <- --set key=value (repeatable).")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated ``ScorecamConfig`` of ``scorecam``'s arguments: defaults <- ``--config``
+    <- the flags given <- ``--set``."""
+    from ..explain.config import ScorecamConfig
+    from ..runtime.config import build
+    fields = {"ckpt": args.ckpt, "images": args.images, "out_dir": args.out,
+              "model_name": args.model, "class_idx": args.class_idx, "target_layer": args.layer,
+              "masks": args.masks, "device": args.device, "dtype": args.dtype,
+              "score": args.score, "weights": args.weights, "batch_size": args.batch_size,
+              "tolerance": args.tolerance, "colormap": args.colormap, "alpha": args.alpha}
+    return build(ScorecamConfig(), args.config,
+                 {k: v for k, v in fields.items() if v is not None}, args.set or [])
+
+
 def add_commands(sub) -> None:
     """Register ``scorecam``."""
+    from ..explain.config import CHANNEL_WEIGHTS, SCORES, ScorecamConfig
+    from ..runtime.config import help_for
     from ..runtime.precision import PRECISIONS
+
+    def default(name: str, text: str) -> str:
+        return help_for(ScorecamConfig, name, text)
 
     def run(args: argparse.Namespace) -> int:
         from ..explain.run import explain_images
         with exit_on():
-            summary = explain_images(
-                args.ckpt, args.images, args.out, model_name=args.model, class_idx=args.class_idx,
-                target_layer=args.layer, masks=args.masks, device=args.device, dtype=args.dtype,
-                score=args.score, weights=args.weights, batch_size=args.batch_size,
-                tolerance=args.tolerance, colormap=args.colormap, alpha=args.alpha)
+            cfg = config_from_args(args)
+            summary = explain_images(cfg.ckpt, cfg.images, cfg.out_dir, **cfg.run_kwargs())
         print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2))
         return 0
 
@@ -28,7 +48,10 @@ def add_commands(sub) -> None:
                        ".pth/.pt state dict with its head; the architecture from --model or the "
                        "checkpoint's 'arch' entry; see usfmae_fast.models.classifier) on PNG / "
                        "JPEG images resized to the model's input. Writes OUT/heatmaps/*.npy, "
-                       "OUT/overlays/*.png, OUT/grid.png and OUT/summary.json.")
+                       "OUT/overlays/*.png, OUT/grid.png and OUT/summary.json. " + CONFIG_ORDER)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of ScorecamConfig fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ScorecamConfig "
+                   "field, e.g. --set alpha=0.3 (repeatable; wins over --config and the flags)")
     p.add_argument("--ckpt", required=True, help="classifier checkpoint (.safetensors/.pth/.pt)")
     p.add_argument("--images", required=True, nargs="+", metavar="PATH",
                    help="image files or folders (searched recursively)")
@@ -36,25 +59,24 @@ def add_commands(sub) -> None:
                    "usfmae_vit_base_patch16_224 or densenet169 (default: the checkpoint's 'arch')")
     p.add_argument("--class", dest="class_idx", type=int, default=None,
                    help="class to explain (default: each image's predicted class)")
-    p.add_argument("--out", default="outputs/scorecam", help="output folder (default: %(default)s)")
+    p.add_argument("--out", help=default("out_dir", "output folder"))
     p.add_argument("--masks", default=None, help="folder of lesion masks named like the images "
                    "(stem or stem_mask, nonzero = lesion; searched recursively): adds pointing "
                    "game and energy in mask")
-    p.add_argument("--tolerance", type=float, default=0.0,
-                   help="pointing-game tolerance in pixels (default: %(default)s)")
+    p.add_argument("--tolerance", type=float,
+                   help=default("tolerance", "pointing-game tolerance in pixels"))
     p.add_argument("--layer", default=None, help="target layer name (default: the last block's "
                    "norm1 of a ViT, features.norm5 of a DenseNet)")
-    p.add_argument("--score", choices=["logit", "softmax"], default="logit",
-                   help="class score of a masked input (default: %(default)s)")
-    p.add_argument("--weights", choices=["softmax", "raw"], default="softmax", help="channel "
-                   "weights: softmax of the scores (grad-cam) or the scores (paper) "
-                   "(default: %(default)s)")
-    p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
-                   help="autocast precision of the forward passes (default: %(default)s)")
+    p.add_argument("--score", choices=SCORES,
+                   help=default("score", "class score of a masked input"))
+    p.add_argument("--weights", choices=CHANNEL_WEIGHTS, help=default(
+        "weights", "channel weights: softmax of the scores (grad-cam) or the scores (paper)"))
+    p.add_argument("--dtype", choices=PRECISIONS,
+                   help=default("dtype", "autocast precision of the forward passes"))
     p.add_argument("--batch-size", type=int, default=None,
                    help="masked inputs per forward pass (default: from the memory budget)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if any)")
-    p.add_argument("--colormap", default="jet", help="matplotlib colormap (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="heatmap opacity in the overlays (default: %(default)s)")
+    p.add_argument("--colormap", help=default("colormap", "matplotlib colormap"))
+    p.add_argument("--alpha", type=float,
+                   help=default("alpha", "heatmap opacity in the overlays"))
     p.set_defaults(func=run)

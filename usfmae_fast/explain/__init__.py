@@ -5,11 +5,16 @@ scores against lesion masks.
     from usfmae_fast.explain import ScoreCAM
     maps = ScoreCAM(model, "blocks.11.norm1", dtype="bf16")(images).maps  # [B, H, W] in [0, 1]
 """
-from .cam import BaseCAM, CAMOutput, EigenCAM, GradCAM, default_layer, find_layer, vit_reshape
-from .figures import overlay, save_grid, save_overlay
-from .localization import energy_in_mask, pointing_game
-from .scorecam import ScoreCAM
+from ..runtime.lazy import lazy_exports
 
-__all__ = ["BaseCAM", "CAMOutput", "EigenCAM", "GradCAM", "ScoreCAM", "default_layer",
-           "energy_in_mask", "find_layer", "overlay", "pointing_game", "save_grid",
-           "save_overlay", "vit_reshape"]
+_EXPORTS = {  # torch loads with the first of these used, not with the package
+    "cam": ("BaseCAM", "CAMOutput", "EigenCAM", "GradCAM", "default_layer", "find_layer",
+            "vit_reshape"),
+    "figures": ("overlay", "save_grid", "save_overlay"),
+    "localization": ("energy_in_mask", "pointing_game"),
+    "scorecam": ("ScoreCAM",),
+    "config": ("ScorecamConfig",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+__getattr__ = lazy_exports(__name__, {name: f".{module}" for name, module in _MODULE_OF.items()})

@@ -10,11 +10,12 @@ _EXPORTS = {
     "metrics": ("SCALAR_METRICS", "bootstrap_ci", "classification_metrics", "summarize"),
     "report": ("fmt", "plot_confusion", "plot_roc", "render_markdown", "write_report"),
     "splits": ("SplitError", "check_splits", "holdout_split", "kfold_splits"),
-    "engine": ("FoldResult", "TrainConfig", "train_fold"),
+    "config": ("ProtocolConfig", "TrainConfig"),
+    "engine": ("FoldResult", "train_fold"),
     "inference": ("embed_images", "predict_images"),
     "models": ("LoadedClassifier", "ModelSpec", "build_classifier", "load_finetuned",
                "model_spec", "save_classifier"),
-    "protocol": ("ProtocolConfig", "evaluate_checkpoints", "quick_config", "run_protocol"),
+    "protocol": ("evaluate_checkpoints", "quick_config", "run_protocol"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

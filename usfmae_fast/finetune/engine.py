@@ -41,97 +41,16 @@ from ..runtime.device import DEVICE_PATTERN, resolve_device
 from ..runtime.precision import FINETUNE_PRECISIONS
 from ..runtime.seed import seed_everything
 from ..runtime.optim import WarmupCosineLR, param_groups
+from .config import IMBALANCE, TrainConfig  # noqa: F401 (TrainConfig lives in config.py)
 from .labels import LabelledSet
 from .metrics import roc_auc
 from .report import fmt
 from .models import (GLOBAL_POOLS, Classifier, ModelSpec, build_classifier, head_name,
                      save_classifier)
 
-IMBALANCE = ("none", "weights", "sampler")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds")
 
 
-@dataclass
-class TrainConfig:
-    """How each fold's model is built and trained (fb/mae fine-tuning defaults, except
-    mixup / cutmix off and 50 epochs: small clinical sets)."""
-    epochs: int = 50
-    batch_size: int = 32
-    blr: float = 5e-4                 # fine-tuning: lr = blr * batch_size / 256
-    probe_blr: float = 0.1            # linear probe: lr = probe_blr * batch_size / 256
-    lr: float | None = None           # absolute peak lr (wins over blr / probe_blr)
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    layer_decay: float = 0.65         # 1.0: off
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    mixup: float = 0.0                # timm Mixup alpha (0: off)
-    cutmix: float = 0.0               # timm CutMix alpha (0: off)
-    imbalance: str = "none"           # none | weights (loss) | sampler (oversampling)
-    patience: int | None = 10         # epochs without a better validation AUC; None: no stop
-    clip_grad: float | None = None
-    img_size: int = 224
-    in_chans: int = 1                 # 1: gray ultrasound; 3: RGB (e.g. Doppler)
-    global_pool: str = "avg"          # avg (fc_norm, fb/mae) | token (cls)
-    vit_size: str = "base"            # vit_scratch's size when no init checkpoint gives one
-    mean: float | None = None         # normalisation override (default: see models.py)
-    std: float | None = None
-    rotate: float = 0.0               # max random rotation (degrees) in training
-    crop_min: float = 0.2             # RandomResizedCrop area (crop_min, 1); raise it when a
-                                      # small crop can miss the lesion that sets the label
-    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    backend: str = "auto"             # make_loader backend: auto | dali | torch
-    workers: int | None = None        # loader threads / processes
-    threads: int | None = None        # torch.set_num_threads (process-wide, stays set)
-    progress: bool = True
-
-    def validate(self) -> TrainConfig:
-        """``ValueError`` naming the first field out of range and the range accepted."""
-        def finite(value) -> bool:
-            return value is not None and math.isfinite(value)
-
-        checks = {  # field: (accepted?, what is)
-            "epochs": (self.epochs >= 1, ">= 1"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "blr": (finite(self.blr) and self.blr > 0, "> 0"),
-            "probe_blr": (finite(self.probe_blr) and self.probe_blr > 0, "> 0"),
-            "lr": (self.lr is None or (finite(self.lr) and self.lr > 0), "> 0, or unset"),
-            "min_lr": (finite(self.min_lr) and self.min_lr >= 0, ">= 0"),
-            "warmup_epochs": (finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0"),
-            "weight_decay": (finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
-            "layer_decay": (0 < self.layer_decay <= 1, "in (0, 1], 1 = off"),
-            "drop_path": (0 <= self.drop_path < 1, "in [0, 1)"),
-            "smoothing": (0 <= self.smoothing < 1, "in [0, 1)"),
-            "mixup": (finite(self.mixup) and self.mixup >= 0, ">= 0, 0 = off"),
-            "cutmix": (finite(self.cutmix) and self.cutmix >= 0, ">= 0, 0 = off"),
-            "imbalance": (self.imbalance in IMBALANCE, f"one of {IMBALANCE}"),
-            "patience": (self.patience is None or self.patience >= 1,
-                         ">= 1, or unset (0 at the command line) for no early stopping"),
-            "clip_grad": (self.clip_grad is None or (finite(self.clip_grad)
-                                                     and self.clip_grad > 0), "> 0, or unset"),
-            "img_size": (self.img_size >= 8, ">= 8"),
-            "in_chans": (self.in_chans in (1, 3), "1 or 3"),
-            "vit_size": (self.vit_size in PRESETS, f"one of {tuple(PRESETS)}"),
-            "mean": (self.mean is None or finite(self.mean), "a finite number, with std"),
-            "std": ((self.mean is None) == (self.std is None)
-                    and (self.std is None or (finite(self.std) and self.std > 0)),
-                    "> 0, given together with mean"),
-            "rotate": (0 <= self.rotate <= 180, "in [0, 180] degrees"),
-            "crop_min": (0 < self.crop_min <= 1, "in (0, 1]"),
-            "precision": (self.precision in FINETUNE_PRECISIONS, f"one of {FINETUNE_PRECISIONS}"),
-            "global_pool": (self.global_pool in GLOBAL_POOLS, f"one of {GLOBAL_POOLS}"),
-            "backend": (self.backend in LOADER_BACKENDS, f"one of {LOADER_BACKENDS}"),
-            "device": (DEVICE_PATTERN.fullmatch(self.device) is not None,
-                       "auto, cpu, cuda or cuda:N"),
-            "workers": (self.workers is None or self.workers >= 0, ">= 0, or unset"),
-            "threads": (self.threads is None or self.threads >= 1, ">= 1, or unset")}
-        for name, (ok, accepted) in checks.items():
-            if not ok:
-                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range; accepted: "
-                                 f"{accepted} (see usfmae_fast.finetune.engine.TrainConfig)")
-        return self
 
 
 @dataclass

@@ -29,34 +29,13 @@ import numpy as np
 from ..runtime.lock import output_lock
 from .engine import (Preprocess, TrainConfig, predict_probs, resolve_device, short_names,
                      train_fold, write_predictions, write_rows)
+from .config import ProtocolConfig
 from .labels import LabelledSet, read_labels
 from .metrics import bootstrap_ci, classification_metrics, summarize
 from ..models.classifier import load_finetuned
 from .models import ModelSpec, build_classifier, model_spec
 from .report import fmt, plot_confusion, plot_roc, write_report
 from .splits import SplitError, holdout_split, kfold_splits
-
-
-@dataclass
-class ProtocolConfig:
-    labels: str                             # labels CSV (path,label[,patient_id]) or class folders
-    out_dir: str = "outputs/finetune"
-    models: list[str] = field(default_factory=lambda: ["usfmae"])
-    init: str | None = None                 # MAE / USF-MAE / fb-mae checkpoint for usfmae*
-    weights: dict[str, str] = field(default_factory=dict)  # timm name -> local weights file
-    classes: list[str] | None = None        # class order (default: sorted label names)
-    test_labels: str | None = None          # independent test set instead of a held-out part
-    folds: int = 5
-    test_size: float = 0.2                  # held-out fraction; 0: cross-validation only
-    seed: int = 0
-    n_boot: int = 1000                      # bootstrap resamples of the test set
-    check: str = "header"                   # image check: header | full | none
-    allow_outside_root: bool = False        # label CSVs may list images outside their folder
-    title: str = "USF-MAE fine-tuning report"
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def quick_config(labels, out_dir, **overrides) -> ProtocolConfig:
@@ -81,17 +60,7 @@ class Plan:
 def prepare(cfg: ProtocolConfig) -> Plan:
     """Read and split the data and resolve the models; every input error is raised here,
     before any training."""
-    cfg.train.validate()
-    if not cfg.models or len(set(cfg.models)) != len(cfg.models):
-        raise ValueError(f"models: give one or more distinct names, got {cfg.models}")
-    if not 0 <= cfg.test_size < 0.5:
-        raise ValueError(f"test_size: must lie in [0, 0.5), got {cfg.test_size}")
-    if cfg.n_boot < 1:
-        raise ValueError(f"n_boot: must be >= 1, got {cfg.n_boot}")
-    if cfg.folds < 2:
-        raise ValueError(f"folds: must be >= 2, got {cfg.folds}")
-    if cfg.seed < 0:
-        raise ValueError(f"seed: must be >= 0, got {cfg.seed}")
+    cfg.validate()
     specs = [model_spec(name, cfg.init, cfg.weights) for name in cfg.models]
     if unused := sorted(set(cfg.weights) - {s.arch for s in specs} - set(cfg.models)):
         raise ValueError(f"weights: {unused} name no model of --models {cfg.models}")

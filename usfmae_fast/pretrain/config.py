@@ -18,21 +18,18 @@ of GPUs; each rank loads ``batch_size / (world_size * accum_steps)`` images per 
 from __future__ import annotations
 
 import math
-import types
 import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data import LOADER_BACKENDS
+from ..runtime.config import (ConfigError, coerce, parse_override,  # noqa: F401 (re-exported)
+                              set_value)
 from ..runtime.device import DEVICE_PATTERN
 from ..runtime.precision import PRECISIONS
 
 DISTRIBUTED = ("ddp", "fsdp")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the field."""
 
 
 @dataclass
@@ -152,62 +149,14 @@ CONFIG_PRESETS: dict[str, dict] = {
 }
 
 
-def _section_types(section: str) -> dict:
-    return typing.get_type_hints(SECTIONS[section])
-
-
-def _coerce(value, hint, name: str):
-    """``value`` (from YAML or a ``key=value`` string) as the type ``hint`` of field ``name``."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional and (value is None or (isinstance(value, str)
-                                       and value.strip().lower() in ("none", "null", "~"))):
-        return None
-    base = next((a for a in args if a is not type(None)), hint) \
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else hint
-    try:
-        if base is bool:
-            if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-                return False
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() \
-                else int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise ConfigError(f"{name}: unsupported field type {hint}")
-    expected = getattr(base, "__name__", str(base)) + (" or null" if optional else "")
-    raise ConfigError(f"{name} must be {expected}, got {value!r}")
-
-
 def _apply(cfg: PretrainConfig, section: str, values, origin: str) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"{origin}: unknown section {section!r}; sections are "
                           f"{', '.join(SECTIONS)}")
     if not isinstance(values, dict):
         raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
-    hints = _section_types(section)
-    target = getattr(cfg, section)
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{origin}: unknown field {section}.{key}; {section} has "
-                              f"{', '.join(hints)}")
-        setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+    for key, value in values.items():  # the shared mechanism: runtime.config.set_value
+        set_value(cfg, f"{section}.{key}", value, origin)
 
 
 def apply_preset(cfg: PretrainConfig, name: str) -> PretrainConfig:
@@ -217,16 +166,6 @@ def apply_preset(cfg: PretrainConfig, name: str) -> PretrainConfig:
         _apply(cfg, section, values, f"preset {name}")
     cfg.preset = name
     return cfg
-
-
-def parse_override(text: str) -> tuple[str, str, str]:
-    """``"optim.lr=1e-3"`` -> ``("optim", "lr", "1e-3")``."""
-    key, sep, value = text.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not sep or not dot or not name:
-        raise ConfigError(f"override {text!r} is not of the form section.field=value "
-                          f"(e.g. optim.lr=1e-3)")
-    return section, name, value.strip()
 
 
 def build_config(preset: str | None = None, config_file=None,

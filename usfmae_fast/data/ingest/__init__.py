@@ -3,8 +3,8 @@
 :mod:`.dicom_frames`, large PNGs in strips by :mod:`.png_stream`) and cleaned by :mod:`.clean`.
 
 Torch-free: ``ingest`` and its worker processes never import torch."""
-from .pipeline import (MANIFEST_COLUMNS, IngestError, IngestOptions, find_sources, ingest,
+from .pipeline import (MANIFEST_COLUMNS, IngestConfig, IngestError, IngestOptions, find_sources, ingest,
                        ingest_file, run_parallel, write_shards)
 
-__all__ = ["MANIFEST_COLUMNS", "IngestError", "IngestOptions", "find_sources", "ingest",
+__all__ = ["MANIFEST_COLUMNS", "IngestConfig", "IngestError", "IngestOptions", "find_sources", "ingest",
            "ingest_file", "run_parallel", "write_shards"]

@@ -115,6 +115,38 @@ class IngestOptions:
             raise ValueError(f"bad options: {self}")
 
 
+def _validate_run(self):
+    """``ValueError`` naming the field out of range."""
+    IngestOptions(**self.options())  # its own checks
+    for name, ok, accepted in (
+            ("workers", self.workers is None or self.workers >= 1, ">= 1, or unset"),
+            ("shard_size", self.shard_size >= 0, ">= 0, 0 = no shards"),
+            ("max_pixels", self.max_pixels >= 1, ">= 1"),
+            ("out", bool(self.out), "an output folder")):
+        if not ok:
+            raise ValueError(f"{name}: {getattr(self, name)!r} is out of range; accepted: "
+                             f"{accepted}")
+    return self
+
+
+# An ``ingest`` run: the IngestOptions fields (their defaults read from IngestOptions, not
+# written twice) + where from, where to and how; the fields of the command's --config / --set.
+IngestConfig = dataclasses.make_dataclass(
+    "IngestConfig",
+    [(f.name, f.type, dataclasses.field(default=f.default))
+     for f in dataclasses.fields(IngestOptions)]
+    + [("sources", "list[str]", dataclasses.field(default_factory=list)),  # files or folders
+       ("out", "str", dataclasses.field(default="")),                     # output folder
+       ("workers", "int | None", dataclasses.field(default=None)),        # None: one per core
+       ("shard_size", "int", dataclasses.field(default=0)),  # also tar shards of this many
+       ("strict", "bool", dataclasses.field(default=False)),  # IngestError when a file fails
+       ("progress", "bool", dataclasses.field(default=True))],
+    namespace={"validate": _validate_run,
+               "options": lambda self: {f.name: getattr(self, f.name)
+                                        for f in dataclasses.fields(IngestOptions)}})
+IngestConfig.__module__ = __name__
+
+
 def find_sources(sources: Iterable[PathLike],
                  exclude: PathLike | None = None) -> tuple[list[Path], list[dict]]:
     """Files under ``sources`` (files or folders, searched recursively, links to folders
