@@ -1,5 +1,5 @@
-"""fb/mae's optimisation recipe: AdamW with weight decay on matrices only, linear warmup then a
-per-iteration half-cosine to ``min_lr``."""
+"""fb/mae's optimisation recipe: AdamW, linear warmup then a per-iteration half-cosine to
+``min_lr``; weight decay on matrices only, with one stated difference (see :func:`param_groups`)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,12 @@ NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """fb/mae ``param_groups_weight_decay``: no decay for 1-D tensors (biases, norms) and the
-    tokens / position embeddings."""
+    """No decay for 1-D tensors (biases, norms), as fb/mae, and none for the cls / mask tokens
+    and a learnable position embedding, unlike fb/mae's pretraining: its ``main_pretrain.py``
+    calls timm's ``param_groups_weight_decay`` without a no-decay list, so it decays both
+    tokens (its position embeddings are frozen). We follow its fine-tuning instead (and timm's
+    ViTs), which exempts them through ``model.no_weight_decay()``: a token is a learned input,
+    not a weight, and decaying it pulls it toward zero for no regularising benefit."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
