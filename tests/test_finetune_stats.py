@@ -293,3 +293,22 @@ def test_mcnemar_and_delong_bad_input():
         delong(y, np.ones(6), np.ones(5))
     with pytest.raises(ValueError, match="^y_true:"):
         delong(y, np.ones((6, 3)), np.ones((6, 3)))                  # class 2 has no image
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_delong_null_rejection_rate(k):
+    """Two equally good, correlated models: DeLong rejects about 5 % at the 5 % level -- a check
+    of the multi-class variance (the mean of per-class differences with their covariance)."""
+    rng = np.random.default_rng(13)
+    n, sims, rejected = 120, 1500, 0
+    for _ in range(sims):
+        y = rng.integers(0, 2 if k is None else k, n)
+        signal = y.astype(float) if k is None else np.eye(k)[y]
+        shape = (n,) if k is None else (n, k)
+        shared = rng.normal(size=shape)
+        a = signal + shared + rng.normal(size=shape)
+        b = signal + shared + rng.normal(size=shape)
+        if k is not None:                                             # softmax probabilities
+            a, b = (np.exp(s) / np.exp(s).sum(1, keepdims=True) for s in (a, b))
+        rejected += delong(y, a, b).p_value < 0.05
+    assert 0.033 < rejected / sims < 0.068, rejected / sims            # 5 % +- 3 sd
