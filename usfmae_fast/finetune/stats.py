@@ -218,7 +218,7 @@ def _bootstrap_differences(y, sa, sb, k, unit_of, n_units, n_boot, seed):
     draws = rng.integers(0, n_units, size=(n_boot, n_units))
     pos = _positives(y, k, sa.shape[0])
     out = np.empty(n_boot)
-    chunk = max(1, 4_000_000 // max(len(y), n_units))          # bounds memory: B x N floats
+    chunk = max(1, 1_000_000 // max(len(y), n_units))          # bounds memory: ~10 [b, N] arrays
     for lo in range(0, n_boot, chunk):
         d = draws[lo:lo + chunk]
         b = len(d)
@@ -240,7 +240,9 @@ def compare_auc(y_true, prob_a, prob_b, groups=None, *, n_boot: int = 2000,
     the bootstrap resamples patients with replacement and keeps all their images -- a clustered
     bootstrap, needed when a patient contributes several correlated images; otherwise images.
     Resamples missing a class are dropped (``n_boot_valid`` counts the rest).
-    ``p_value`` is DeLong's (:func:`delong`; it treats images as independent).
+    ``p_value`` is DeLong's (:func:`delong`; it treats images as independent, so with
+    several images per patient trust the clustered interval over it). DeLong needs at least
+    two positive and two negative images per (one-vs-rest) class.
 
     Multi-class (``[N, K]``, ``K >= 3``): one-vs-rest macro AUC for both the bootstrap and
     DeLong, whose statistic is the mean of the per-class differences with the variance of that
