@@ -2,7 +2,8 @@
 stratified patient-grouped splits, classification metrics with bootstrap intervals, and the
 report (JSON, markdown, ROC and confusion-matrix figures); classifiers from USF-MAE / MAE
 checkpoints and timm baselines, one fold's training, the k-fold + test-set protocol, and
-prediction / feature extraction on images and DICOMs."""
+prediction / feature extraction on images and DICOMs; paired model comparisons (DeLong,
+clustered bootstrap, McNemar)."""
 from ..runtime.lazy import lazy_exports
 
 _EXPORTS = {
@@ -16,6 +17,7 @@ _EXPORTS = {
     "models": ("LoadedClassifier", "ModelSpec", "build_classifier", "load_finetuned",
                "model_spec", "save_classifier"),
     "protocol": ("evaluate_checkpoints", "quick_config", "run_protocol"),
+    "stats": ("compare_auc", "delong", "mcnemar"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
