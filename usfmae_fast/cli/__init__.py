@@ -43,6 +43,15 @@ def exit_on(bad_input: tuple = INPUT_ERRORS, failure: tuple = (), stopped: tuple
         raise CommandExit(EXIT_STOPPED, exc) from exc
 
 
+def add_config_args(p: argparse.ArgumentParser, what: str, example: str) -> None:
+    """``--config FILE.yaml`` and ``--set KEY=VALUE``, as every configurable command takes them
+    (runtime/config.py builds the dataclass from both)."""
+    p.add_argument("--config", metavar="FILE.yaml", help=f"YAML mapping of {what} fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help=f"any {what} field, e.g. --set {example} (repeatable; wins over "
+                   "--config and the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import bench, demo, finetune, info, ingest, pretrain, scorecam
     parser = argparse.ArgumentParser(prog="usfmae-fast", description=__doc__)

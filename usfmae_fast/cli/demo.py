@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import exit_on
+from . import add_config_args, exit_on
 
 
 CONFIG_ORDER = ("Config: the DemoConfig defaults (--quick: the CI size) <- --config FILE.yaml "
@@ -43,9 +43,7 @@ def add_commands(sub) -> None:
                        "ViT-MAE, fine-tunes it on the simulated B-mode set against a ViT from "
                        "scratch and DenseNet-169, explains the best model with Score-CAM and "
                        "writes OUT/report.md (see usfmae_fast/demo.py). " + CONFIG_ORDER)
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of DemoConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any DemoConfig field, "
-                   "e.g. --set finetune_lr=1e-3 (repeatable; wins over --config and the flags)")
+    add_config_args(p, "DemoConfig", "finetune_lr=1e-3")
     p.add_argument("--out", help=help_for(DemoConfig, "out_dir", "output folder"))
     p.add_argument("--quick", action="store_true",
                    help="CI size: 6 subjects per class, 2 folds, 20 steps, 2 epochs, 32 px")

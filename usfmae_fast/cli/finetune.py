@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import exit_on
+from . import add_config_args, exit_on
 from ..data import LOADER_BACKENDS
 from ..data.load.image_files import CHECKS
 from ..finetune.config import EvaluateConfig, ProtocolConfig, TrainConfig
@@ -64,13 +64,6 @@ def _weights(items: list[str]) -> dict[str, str]:
             raise ValueError(f"weights: {item!r} is not NAME=PATH (e.g. densenet169=d.pth)")
         pairs[name.strip()] = path.strip()
     return pairs
-
-
-def _config_args(p, what: str, example: str = "train.epochs=3") -> None:
-    p.add_argument("--config", metavar="FILE.yaml", help=f"YAML mapping of {what} fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help=f"any config field, e.g. --set {example} (repeatable; wins over "
-                   "--config and the flags)")
 
 
 def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
@@ -141,7 +134,7 @@ def _add_finetune(sub) -> None:
                        "weights), each optionally with the suffix _linprobe. " + CONFIG_ORDER)
     p.add_argument("--labels", required=True, help="labels CSV (path,label[,patient_id]) or a "
                    "folder per class")
-    _config_args(p, "ProtocolConfig (train: a mapping of TrainConfig)")
+    add_config_args(p, "ProtocolConfig (train: a mapping of TrainConfig)", "train.epochs=3")
     p.add_argument("--out", help=help_for(ProtocolConfig, "out_dir", "output folder"))
     p.add_argument("--models", help=help_for(ProtocolConfig, "models",
                                              "comma-separated model names"))
@@ -214,7 +207,7 @@ def _add_evaluate(sub) -> None:
                        "by one and as an ensemble (mean probability). " + CONFIG_ORDER)
     p.add_argument("--ckpt", required=True, nargs="+", help="classifier checkpoint(s)")
     p.add_argument("--labels", required=True, help="labels CSV or a folder per class")
-    _config_args(p, "EvaluateConfig", "n_boot=200")
+    add_config_args(p, "EvaluateConfig", "n_boot=200")
     p.add_argument("--out", help=default("out_dir", "output folder"))
     p.add_argument("--name", help=default("name", "model name in the report"))
     p.add_argument("--title", help=default("title"))

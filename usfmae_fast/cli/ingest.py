@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import exit_on
+from . import add_config_args, exit_on
 
 
 CONFIG_ORDER = ("Config: the IngestConfig defaults (IngestOptions + the run's fields) <- "
@@ -51,10 +51,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("ingest", help="DICOM / NIfTI / image / video files -> clean 8-bit images "
                        "+ manifest.csv (resumable)", description=CONFIG_ORDER)
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of IngestConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any IngestConfig "
-                   "field, e.g. --set max_side=256 (repeatable; wins over --config and the "
-                   "flags)")
+    add_config_args(p, "IngestConfig", "max_side=256")
     p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-side", type=int,

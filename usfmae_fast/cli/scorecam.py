@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import exit_on
+from . import add_config_args, exit_on
 
 
 CONFIG_ORDER = ("Config: the ScorecamConfig defaults (usfmae_fast/explain/config.py) <- "
@@ -49,9 +49,7 @@ def add_commands(sub) -> None:
                        "checkpoint's 'arch' entry; see usfmae_fast.models.classifier) on PNG / "
                        "JPEG images resized to the model's input. Writes OUT/heatmaps/*.npy, "
                        "OUT/overlays/*.png, OUT/grid.png and OUT/summary.json. " + CONFIG_ORDER)
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of ScorecamConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ScorecamConfig "
-                   "field, e.g. --set alpha=0.3 (repeatable; wins over --config and the flags)")
+    add_config_args(p, "ScorecamConfig", "alpha=0.3")
     p.add_argument("--ckpt", required=True, help="classifier checkpoint (.safetensors/.pth/.pt)")
     p.add_argument("--images", required=True, nargs="+", metavar="PATH",
                    help="image files or folders (searched recursively)")
