@@ -144,8 +144,6 @@ def plan(op: str, spec, checked: Callable[[str, str, tuple], bool | None]) -> st
 def resolve(op: str, *args) -> tuple[str, Callable]:
     """The (backend name, function) that runs ``op`` on these (already checked) arguments."""
     spec = _OPS[op].describe(*args)
-    if _current != "auto":
-        _check_named(op, spec)
     if torch.compiler.is_compiling():  # traced once; the verdicts become constants of the graph
         return _choose(op, spec, args[0].device)
     key = (op, _current, spec, args[0].get_device(), _trust_enabled())
@@ -156,6 +154,8 @@ def resolve(op: str, *args) -> tuple[str, Callable]:
 
 
 def _choose(op: str, spec, device) -> tuple[str, Callable]:
+    if _current != "auto":  # a named backend's errors; a cached choice passed them already
+        _check_named(op, spec)
     name = plan(op, spec, functools.partial(_trusted, device=device))
     return name, _REGISTRY[op][name].fn
 
