@@ -189,13 +189,13 @@ def test_fold_checkpoint_reloads_with_identical_predictions(tmp_path, labelled, 
     with (tmp_path / "fold0" / "history.csv").open() as f:
         history = list(csv.DictReader(f))
     assert len(history) == len(result.history) <= result.best_epoch + 2  # patience 1
-    aucs = [h["val_auc"] for h in result.history]
-    assert result.history[result.best_epoch]["val_auc"] == max(aucs)
-    with (tmp_path / "fold0" / "val_predictions.csv").open() as f:
+    aucs = [h["select_auc"] for h in result.history]
+    assert result.history[result.best_epoch]["select_auc"] == max(aucs)
+    with (tmp_path / "fold0" / "select_predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["label"] for r in rows] == [val.classes[i] for i in val.labels]
     np.testing.assert_allclose([[float(r[f"prob_{c}"]) for c in val.classes] for r in rows],
-                               result.val_probs, atol=1e-6)
+                               result.select_probs, atol=1e-6)
 
     from usfmae_fast.explain.run import load_classifier  # what usfmae-fast scorecam loads
     model = load_classifier(result.checkpoint)
@@ -203,7 +203,7 @@ def test_fold_checkpoint_reloads_with_identical_predictions(tmp_path, labelled, 
         1, 32, 32]
     prep = Preprocess(32, 1, [0.15], [0.2])
     reloaded = predict_probs(model, val.to_image_list(), prep, quick_train())
-    np.testing.assert_allclose(reloaded, result.val_probs, atol=1e-5)
+    np.testing.assert_allclose(reloaded, result.select_probs, atol=1e-5)
     meta = load_finetuned(result.checkpoint).info
     assert meta["fold"] == 0 and meta["seed"] == 5 and meta["epoch"] == result.best_epoch
 
@@ -218,8 +218,19 @@ def test_cnn_baseline_trains_with_imbalance_options(tmp_path, labelled, options)
                         data.subset(val_idx), quick_train(epochs=1, **options),
                         tmp_path, seed=0)
     assert np.isfinite(result.history[0]["train_loss"])
-    assert result.val_probs.shape == (len(val_idx), 3)
-    np.testing.assert_allclose(result.val_probs.sum(axis=1), 1.0, atol=1e-5)
+    assert result.select_probs.shape == (len(val_idx), 3)
+    np.testing.assert_allclose(result.select_probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_fixed_epochs_keep_the_last_and_select_nothing(tmp_path, labelled):
+    """Without a selection set every epoch runs (patience unused) and the last one is kept:
+    the saved model predicts what the model of the final epoch predicts."""
+    result = train_fold(ModelSpec("test_resnet", "test_resnet"), labelled, None,
+                        quick_train(epochs=3, patience=1), tmp_path, seed=0)
+    assert result.best_epoch == 2 and len(result.history) == 3
+    assert result.select_probs is None and all(h["select_auc"] is None for h in result.history)
+    assert not (tmp_path / "select_predictions.csv").exists()
+    assert load_finetuned(result.checkpoint).info["selection"] == "fixed epochs"
 
 
 def test_bad_hyper_parameters_name_the_field():

@@ -220,3 +220,122 @@ def test_mae_pretraining_beats_random_init(tmp_path):
         gains = np.subtract(auc["pretrained"], auc[other])
         assert np.mean(gains[:3]) > 0.01 and (gains[:3] > 0).sum() >= 2, (other, auc)
         assert gains[3] > 0, (other, auc)
+
+
+# --- issue 17: selection that selects nothing, the positive class, operating rules fitted out
+# of fold, paired comparisons and provenance -----------------------------------------------
+
+
+def binary_sets(root, seed=0):
+    """A cyst / solid development set (10 patients a class) and an independent test set."""
+    dev = make_labelled_set(root / "dev", per_class=20, classes=("cyst", "solid"), seed=seed)
+    test = make_labelled_set(root / "test", per_class=8, classes=("cyst", "solid"),
+                             seed=seed + 50, patients="t")
+    return dev, test
+
+
+def test_binary_task_without_obvious_positive_must_name_it(tmp_path, no_training):
+    dev, test = binary_sets(tmp_path)
+    with pytest.raises(LabelError, match=r"positive: .*--positive solid"):
+        run_protocol(quick_config(dev, tmp_path / "o", models=["test_resnet"]))
+    with pytest.raises(LabelError, match="positive: 'fluid' is not a class"):
+        run_protocol(quick_config(dev, tmp_path / "o", models=["test_resnet"],
+                                  positive="fluid"))
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory):
+    """One binary run with an inner selection split, cyst as the positive class (the
+    alphabet would make it negative), two models compared on an independent test set."""
+    root = tmp_path_factory.mktemp("binary")
+    dev, test = binary_sets(root)
+    cfg = quick_config(dev, root / "run", models=["test_resnet", "vit_scratch"],
+                       test_labels=str(test), positive="cyst", selection="inner",
+                       inner_size=0.34, n_boot=50, train=dict(epochs=2, vit_size="tiny"))
+    return root, cfg, run_protocol(cfg)
+
+
+def test_positive_class_orders_the_task(binary):
+    root, _, report = binary
+    assert report["task"]["classes"] == ["solid", "cyst"] and report["task"]["positive"] == "cyst"
+    rows = read_csv(root / "run" / "test_resnet" / "test_predictions.csv")
+    probs = np.array([[float(r["prob_solid"]), float(r["prob_cyst"])] for r in rows])
+    y = np.array([r["label"] == "cyst" for r in rows])
+    from sklearn.metrics import roc_auc_score
+    ensemble = report["models"]["test_resnet"]["test"]["ensemble"]
+    assert ensemble["auc"] == pytest.approx(roc_auc_score(y, probs[:, 1]), abs=1e-5)
+    assert ensemble["recall"] == pytest.approx(ensemble["per_class"]["cyst"]["recall"])
+    assert "Positive class: `cyst`" in (root / "run" / "report.md").read_text()
+
+
+def test_inner_split_chooses_the_epoch_and_validation_chooses_nothing(binary):
+    root, cfg, report = binary
+    rows = read_csv(root / "run" / "splits.csv")
+    for k in range(2):
+        select = [r for r in rows if str(k) in r["selects_epoch_of_folds"].split()]
+        val = [r for r in rows if r["fold"] == str(k)]
+        assert select and {r["label"] for r in select} == {"cyst", "solid"}
+        assert not {r["patient_id"] for r in select} & {r["patient_id"] for r in val}
+        fold = report["models"]["test_resnet"]["config"]["folds"][k]
+        assert fold["selection_images"] == len(select)
+        dev = [r for r in rows if r["set"] == "dev"]
+        assert fold["trained_images"] == len(dev) - len(val) - len(select)
+        history = read_csv(root / "run" / "test_resnet" / f"fold{k}" / "history.csv")
+        aucs = [float(h["select_auc"]) for h in history]
+        assert fold["kept_epoch"] == int(np.argmax(aucs))  # the first best one
+        picked = read_csv(root / "run" / "test_resnet" / f"fold{k}" / "select_predictions.csv")
+        assert sorted(p["path"] for p in picked) == sorted(
+            r["path"].split("/dev/", 1)[1] for r in select)
+    assert "early stopping on an inner split" in (root / "run" / "report.md").read_text()
+
+
+def test_paired_comparison_and_provenance_are_reported(binary):
+    root, _, report = binary
+    pairs = report["comparisons"]["pairs"]
+    assert [(p["a"], p["b"]) for p in pairs] == [("test_resnet", "vit_scratch")]
+    pair = pairs[0]
+    a, b = (report["models"][m]["test"]["ensemble"]["auc"] for m in ("test_resnet",
+                                                                       "vit_scratch"))
+    assert pair["auc_a"] == pytest.approx(a) and pair["auc_b"] == pytest.approx(b)
+    assert pair["difference"] == pytest.approx(a - b)
+    assert 0 <= pair["p_delong"] <= 1 and 0 <= pair["mcnemar"]["p_value"] <= 1
+    assert report["comparisons"]["resampled"] == "patients"
+    md = (root / "run" / "report.md").read_text()
+    assert "## Paired comparisons" in md and "`test_resnet` vs `vit_scratch`" in md
+    prov = report["provenance"]
+    import hashlib
+    assert prov["files"]["test_labels"]["sha256"] == hashlib.sha256(
+        (root / "test" / "labels.csv").read_bytes()).hexdigest()
+    assert prov["seed"] == report["config"]["seed"] and prov["versions"]["torch"]
+    assert "## Provenance" in md
+
+
+def test_thresholds_never_see_the_test_labels(binary, tmp_path):
+    """The same run with a third of the test labels flipped: identical thresholds and
+    temperatures (fitted out of fold), different test metrics."""
+    root, cfg, report = binary
+    rows = read_csv(root / "test" / "labels.csv")
+    flipped = tmp_path / "labels.csv"
+    (tmp_path / "images").symlink_to(root / "test" / "images")
+    with flipped.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id"])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            if i % 3 == 0:
+                row["label"] = {"cyst": "solid", "solid": "cyst"}[row["label"]]
+            writer.writerow(row)
+    from dataclasses import replace
+    other = run_protocol(replace(cfg, test_labels=str(flipped), out_dir=str(tmp_path / "run")))
+    for name, model in report["models"].items():
+        again = other["models"][name]
+        assert again["test"]["assessment"]["rules"] == model["test"]["assessment"]["rules"]
+        assert (tmp_path / "run" / name / "operating_rules.json").read_text() == \
+            (root / "run" / name / "operating_rules.json").read_text()
+        assert again["test"]["ensemble"]["confusion_matrix"] != \
+            model["test"]["ensemble"]["confusion_matrix"]
+
+
+def test_inner_split_too_small_says_what_to_do(tmp_path, labels, no_training):
+    with pytest.raises(SplitError, match="selection: fold 0's training part .*selection=fixed"):
+        run_protocol(quick_config(labels, tmp_path / "o", models=["test_resnet"],
+                                  selection="inner"))

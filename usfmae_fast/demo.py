@@ -188,6 +188,7 @@ def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path)
     return ProtocolConfig(labels=str(labels), out_dir=str(out), models=list(cfg.models),
                           init=str(init) if init else None, folds=cfg.folds,
                           test_size=cfg.test_size, seed=cfg.seed, n_boot=cfg.n_boot,
+                          selection="inner" if cfg.patience else "fixed",
                           allow_outside_root=Path(labels) != Path(cfg.labels),
                           title="USF-MAE demo: pretraining, fine-tuning, Score-CAM", train=train)
 

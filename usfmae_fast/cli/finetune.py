@@ -11,7 +11,8 @@ import json
 from . import add_config_args, exit_on
 from ..data import LOADER_BACKENDS
 from ..data.load.image_files import CHECKS
-from ..finetune.config import EvaluateConfig, ProtocolConfig, TrainConfig
+from ..finetune.config import (SELECTIONS, THRESHOLD_RULES, EvaluateConfig, ProtocolConfig,
+                               TrainConfig)
 from ..runtime.config import help_for
 from ..runtime.precision import FINETUNE_PRECISIONS
 
@@ -82,9 +83,11 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
     protocol = dict(
         out_dir=args.out, models=_names(args.models), init=args.init,
         weights=_weights(args.weights) if args.weights else None,
-        classes=_names(args.classes), test_labels=args.test_labels, folds=args.folds,
-        test_size=args.test_size, seed=args.seed, n_boot=args.n_boot, check=args.check,
-        allow_outside_root=args.allow_outside_root or None, title=args.title)
+        classes=_names(args.classes), positive=args.positive, test_labels=args.test_labels,
+        folds=args.folds, test_size=args.test_size, seed=args.seed, n_boot=args.n_boot,
+        check=args.check, allow_outside_root=args.allow_outside_root or None, title=args.title,
+        selection=args.selection, inner_size=args.inner_size, threshold=args.threshold,
+        target_sensitivity=args.target_sensitivity, temperature=args.temperature or None)
     flags.update({k: v for k, v in protocol.items() if v is not None})
     base = quick_config(args.labels, ProtocolConfig.out_dir) if args.quick else \
         ProtocolConfig(args.labels)
@@ -142,7 +145,24 @@ def _add_finetune(sub) -> None:
                    "checkpoint), fb/mae .pth, USF-MAE .pt, timm ViT export")
     p.add_argument("--weights", action="append", metavar="NAME=PATH",
                    help="local weights file of a timm baseline (repeatable); nothing downloads")
-    p.add_argument("--classes", help="comma-separated class order (default: sorted labels)")
+    p.add_argument("--classes", help="comma-separated class order (default: sorted labels; "
+                   "binary: the second is the positive class)")
+    p.add_argument("--positive", metavar="CLASS", help="binary tasks: the positive class "
+                   "(sensitivity, precision, threshold); needed unless the names say it "
+                   "(normal/abnormal, benign/malignant, no/yes, 0/1) or --classes orders them")
+    p.add_argument("--selection", choices=SELECTIONS, help=help_for(
+        ProtocolConfig, "selection", "epoch choice per fold: inner (early stopping on an inner "
+        "split of the training patients) or fixed (train.epochs, keep the last)"))
+    p.add_argument("--inner-size", type=float, help=help_for(
+        ProtocolConfig, "inner_size", "fraction of a fold's training patients that chooses "
+        "the epoch"))
+    p.add_argument("--threshold", choices=THRESHOLD_RULES, help=help_for(
+        ProtocolConfig, "threshold", "binary operating point chosen out of fold: youden or "
+        "sensitivity (with --target-sensitivity)"))
+    p.add_argument("--target-sensitivity", type=float, help="with --threshold sensitivity: "
+                   "the sensitivity the threshold must reach, in (0, 1]")
+    p.add_argument("--temperature", action="store_true", help="temperature scaling fitted on "
+                   "the out-of-fold predictions (calibration; AUC is unchanged)")
     p.add_argument("--test-labels", help="an independent labelled test set instead of "
                    "holding out --test-size of --labels")
     p.add_argument("--folds", type=int, help=help_for(ProtocolConfig, "folds",
@@ -178,20 +198,21 @@ def evaluate_config_from_args(args: argparse.Namespace) -> EvaluateConfig:
              "title": args.title, "n_boot": args.n_boot, "seed": args.seed, "check": args.check,
              "allow_outside_root": args.allow_outside_root or None,
              "batch_size": args.batch_size, "device": args.device, "backend": args.backend,
-             "workers": args.workers}
+             "workers": args.workers, "rules": args.rules}
     return build(EvaluateConfig(), args.config,
                  {k: v for k, v in flags.items() if v is not None}, args.set or [])
 
 
 def _add_evaluate(sub) -> None:
     def run(args: argparse.Namespace) -> int:
-        from ..finetune.protocol import evaluate_checkpoints
+        from ..finetune.protocol import evaluate_checkpoints, read_rules
         with exit_on():
             cfg = evaluate_config_from_args(args)
             report = evaluate_checkpoints(cfg.ckpt, cfg.labels, cfg.out_dir, name=cfg.name,
                                           n_boot=cfg.n_boot, seed=cfg.seed, check=cfg.check,
                                           title=cfg.title, train=cfg.train_config(),
-                                          allow_outside_root=cfg.allow_outside_root)
+                                          allow_outside_root=cfg.allow_outside_root,
+                                          rules=read_rules(cfg.rules) if cfg.rules else None)
         ensemble = report["models"][cfg.name]["test"]["ensemble"]
         print(json.dumps({k: ensemble[k] for k in ("auc", "f1", "accuracy", "precision",
                                                     "recall", "specificity", "n")}, indent=2))
@@ -212,6 +233,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--name", help=default("name", "model name in the report"))
     p.add_argument("--title", help=default("title"))
     p.add_argument("--n-boot", type=int, help=default("n_boot", "bootstrap resamples"))
+    p.add_argument("--rules", help="operating_rules.json of a fine-tuning run (its threshold "
+                   "and temperature); default: the most probable class")
     p.add_argument("--seed", type=int, help=default("seed", "bootstrap seed"))
     p.add_argument("--check", choices=CHECKS, help=default("check"))
     _add_outside_root(p)

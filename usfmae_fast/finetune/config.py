@@ -11,6 +11,8 @@ from ..runtime.device import DEVICE_PATTERN
 from ..runtime.precision import FINETUNE_PRECISIONS
 
 IMBALANCE = ("none", "weights", "sampler")
+SELECTIONS = ("inner", "fixed")     # how a fold's epoch is chosen, see ProtocolConfig.selection
+THRESHOLD_RULES = ("youden", "sensitivity")
 
 
 @dataclass
@@ -107,11 +109,23 @@ class ProtocolConfig:
     init: str | None = None                 # MAE / USF-MAE / fb-mae checkpoint for usfmae*
     weights: dict[str, str] = field(default_factory=dict)  # timm name -> local weights file
     classes: list[str] | None = None        # class order (default: sorted label names)
+    positive: str | None = None             # binary: the positive class (see labels.py)
     test_labels: str | None = None          # independent test set instead of a held-out part
     folds: int = 5
     test_size: float = 0.2                  # held-out fraction; 0: cross-validation only
     seed: int = 0
     n_boot: int = 1000                      # bootstrap resamples of the test set
+    # How each fold's epoch is chosen, so the fold's validation metrics select nothing:
+    # inner: early stopping on an inner split (inner_size of the fold's training patients);
+    # fixed: train.epochs epochs, keep the last (train.patience is not used).
+    selection: str = "inner"
+    inner_size: float = 0.2
+    # Binary operating point, chosen on the pooled out-of-fold predictions (never the test
+    # set) and applied unchanged to the test set: youden (max sensitivity + specificity - 1)
+    # or sensitivity (the highest threshold reaching target_sensitivity).
+    threshold: str = "youden"
+    target_sensitivity: float | None = None
+    temperature: bool = False               # temperature scaling fitted out of fold
     check: str = "header"                   # image check: header | full | none
     allow_outside_root: bool = False        # label CSVs may list images outside their folder
     title: str = "USF-MAE fine-tuning report"
@@ -133,6 +147,20 @@ class ProtocolConfig:
             raise ValueError(f"folds: must be >= 2, got {self.folds}")
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection: must be one of {SELECTIONS}, got {self.selection!r}")
+        if not 0 < self.inner_size < 0.5:
+            raise ValueError(f"inner_size: must lie in (0, 0.5), got {self.inner_size}")
+        if self.threshold not in THRESHOLD_RULES:
+            raise ValueError(f"threshold: must be one of {THRESHOLD_RULES}, got "
+                             f"{self.threshold!r}")
+        if (self.threshold == "sensitivity") != (self.target_sensitivity is not None):
+            raise ValueError("target_sensitivity: give it (in (0, 1]) exactly when threshold "
+                             f"is 'sensitivity'; got threshold={self.threshold!r}, "
+                             f"target_sensitivity={self.target_sensitivity!r}")
+        if self.target_sensitivity is not None and not 0 < self.target_sensitivity <= 1:
+            raise ValueError(f"target_sensitivity: must lie in (0, 1], got "
+                             f"{self.target_sensitivity}")
         return self
 
 
@@ -146,6 +174,7 @@ class EvaluateConfig:
     title: str = "Evaluation report"
     n_boot: int = 1000                      # bootstrap resamples
     seed: int = 0                           # bootstrap seed
+    rules: str | None = None                # operating_rules.json of a fine-tuning run
     check: str = "header"                   # image check: header | full | none
     allow_outside_root: bool = False
     batch_size: int = 32

@@ -1,5 +1,7 @@
-"""One fold of fine-tuning (or linear probing): train on one split, select the epoch with the
-best validation AUC, save it as ``best.safetensors``.
+"""One fold of fine-tuning (or linear probing): train on one split and keep the epoch with the
+best AUC on a selection split (early stopping), or, without one, train a fixed number of epochs
+and keep the last; save it as ``best.safetensors``. The protocol passes an inner split of the
+fold's training patients as the selection split, so the fold's validation set selects nothing.
 
 The recipe is fb/mae ``main_finetune`` / ``main_linprobe``: AdamW with layer-wise lr decay
 (timm ``param_groups_layer_decay``, 0.65 by default; only for ViTs that start from pretrained
@@ -48,7 +50,8 @@ from .report import fmt
 from .models import (GLOBAL_POOLS, Classifier, ModelSpec, build_classifier, head_name,
                      save_classifier)
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_loss", "select_loss", "select_auc", "select_accuracy", "lr",
+                   "seconds")  # select_*: on the selection set (empty with fixed epochs)
 
 
 
@@ -66,8 +69,8 @@ class Preprocess:
 class FoldResult:
     classifier: Classifier            # the best epoch's weights, eval mode
     prep: Preprocess
-    best_epoch: int
-    val_probs: np.ndarray             # [N, C] of the best epoch
+    best_epoch: int                   # the kept epoch (the last one without a selection set)
+    select_probs: np.ndarray | None   # [N, C] of the kept epoch on the selection set
     history: list[dict]
     checkpoint: Path
     seconds: float
@@ -190,7 +193,8 @@ def write_predictions(path, names, probs: np.ndarray, classes, labels=None, extr
 class _Training:
     """The state of one fold's run (model, loaders, optimizer, loss) while it trains."""
 
-    def __init__(self, spec, train: LabelledSet, val: LabelledSet, cfg: TrainConfig, seed):
+    def __init__(self, spec, train: LabelledSet, val: LabelledSet | None, cfg: TrainConfig,
+                 seed):
         from ..data.load.loader import make_loader
 
         self.spec, self.cfg, self.seed = spec, cfg, seed
@@ -215,8 +219,9 @@ class _Training:
                                   mean=self.built.mean, std=self.built.std, rotate=cfg.rotate,
                                   crop_scale=(cfg.crop_min, 1.0),
                                   backend=cfg.backend, workers=cfg.workers)
-        self.val_loader = make_eval_loader(val.to_image_list(), self.prep, cfg, self.device)
-        self.val_labels = val.labels
+        self.val_loader = (None if val is None else
+                           make_eval_loader(val.to_image_list(), self.prep, cfg, self.device))
+        self.val_labels = None if val is None else val.labels
         blr = cfg.probe_blr if spec.linear_probe else cfg.blr
         self.peak_lr = cfg.lr if cfg.lr is not None else blr * batch / 256
         self.optimizer = build_finetune_optimizer(self.built, spec, cfg, self.peak_lr)
@@ -290,16 +295,19 @@ def _better(metrics: dict, best: dict | None) -> bool:
     return metrics["loss"] < best["loss"]
 
 
-def train_fold(spec: ModelSpec, train: LabelledSet, val: LabelledSet, cfg: TrainConfig,
-               out_dir, *, seed: int = 0, info: dict | None = None) -> FoldResult:
-    """Train ``spec`` on ``train``, keep the epoch with the best AUC on ``val`` (early stopping
-    after ``cfg.patience`` epochs without a better one). Writes ``out_dir/best.safetensors``
-    (loadable by ``usfmae-fast scorecam``), ``history.csv`` and ``val_predictions.csv``."""
+def train_fold(spec: ModelSpec, train: LabelledSet, select: LabelledSet | None,
+               cfg: TrainConfig, out_dir, *, seed: int = 0,
+               info: dict | None = None) -> FoldResult:
+    """Train ``spec`` on ``train``. With a selection set ``select``: keep the epoch with the
+    best AUC on it (early stopping after ``cfg.patience`` epochs without a better one) and
+    write its predictions to ``select_predictions.csv``; with ``select=None``: train all
+    ``cfg.epochs`` epochs and keep the last (``cfg.patience`` is not used). Writes
+    ``out_dir/best.safetensors`` (loadable by ``usfmae-fast scorecam``) and ``history.csv``."""
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
-    run = _Training(spec, train, val, cfg, seed)
+    run = _Training(spec, train, select, cfg, seed)
     history, best, best_state, best_probs, best_epoch, stale = [], None, None, None, 0, 0
     bar = None
     if cfg.progress:
@@ -309,32 +317,41 @@ def train_fold(spec: ModelSpec, train: LabelledSet, val: LabelledSet, cfg: Train
     for epoch in range(cfg.epochs):
         lr = run.scheduler.lr
         train_loss = run.train_epoch(epoch)
-        probs, metrics = run.validate()
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": metrics["loss"],
-                        "val_auc": metrics["auc"], "val_accuracy": metrics["accuracy"],
-                        "lr": lr, "seconds": round(time.perf_counter() - started, 3)})
-        if _better(metrics, best):
-            best, best_probs, best_epoch, stale = metrics, probs, epoch, 0
-            best_state = copy.deepcopy(run.model.state_dict())
+        row = {"epoch": epoch, "train_loss": train_loss, "select_loss": None,
+               "select_auc": None, "select_accuracy": None, "lr": lr}
+        if select is not None:
+            probs, metrics = run.validate()
+            row.update(select_loss=metrics["loss"], select_auc=metrics["auc"],
+                       select_accuracy=metrics["accuracy"])
+            if _better(metrics, best):
+                best, best_probs, best_epoch, stale = metrics, probs, epoch, 0
+                best_state = copy.deepcopy(run.model.state_dict())
+            else:
+                stale += 1
         else:
-            stale += 1
+            best_epoch = epoch
+        history.append({**row, "seconds": round(time.perf_counter() - started, 3)})
         if bar is not None:
             bar.update()
-            bar.set_postfix(loss=f"{train_loss:.3f}", val_auc=fmt(metrics["auc"]),
+            bar.set_postfix(loss=f"{train_loss:.3f}", select_auc=fmt(row["select_auc"]),
                             best=best_epoch)
-        if cfg.patience is not None and stale >= cfg.patience:
+        if select is not None and cfg.patience is not None and stale >= cfg.patience:
             break
     if bar is not None:
         bar.close()
-    run.model.load_state_dict(best_state)
+    if best_state is not None:
+        run.model.load_state_dict(best_state)
     run.model.eval()
     info = {**(info or {}), "model": asdict(spec), "seed": seed, "epoch": best_epoch,
-            "val_auc": best["auc"], "val_loss": best["loss"], "epochs_run": len(history),
+            "selection": "fixed epochs" if select is None else "best selection-set AUC",
+            "select_auc": None if best is None else best["auc"],
+            "select_loss": None if best is None else best["loss"], "epochs_run": len(history),
             "batch_size": run.batch_size, "peak_lr": run.peak_lr}
     checkpoint = save_classifier(run.built, out_dir / "best.safetensors", run.classes, info)
     write_rows(out_dir / "history.csv", history, HISTORY_COLUMNS)
-    write_predictions(out_dir / "val_predictions.csv", short_names(val), best_probs,
-                      run.classes, val.labels)
+    if select is not None:
+        write_predictions(out_dir / "select_predictions.csv", short_names(select), best_probs,
+                          run.classes, select.labels)
     return FoldResult(run.built, run.prep, best_epoch, best_probs, history, checkpoint,
                       time.perf_counter() - started)
 

@@ -209,3 +209,50 @@ def read_labels(source, classes: Sequence[str] | None = None, check: str = "head
     root = (source if source.is_dir() else source.parent).resolve()
     return LabelledSet([r.path for r in rows], np.array([index[r.label] for r in rows]),
                        class_list, groups, str(root))
+
+
+# Binary class names whose meaning is plain: a task named by one of each pair has that positive
+# class without being told. Anything else (cyst / solid, 0 / 1 is fine) must be told.
+NEGATIVE_NAMES = frozenset({"normal", "benign", "negative", "neg", "no", "absent", "healthy",
+                            "control", "false", "0", "none", "non-referable"})
+POSITIVE_NAMES = frozenset({"abnormal", "malignant", "positive", "pos", "yes", "present",
+                            "disease", "diseased", "case", "true", "1", "anomaly", "lesion",
+                            "referable"})
+
+
+def positive_class(classes: Sequence[str], positive: str | None = None,
+                   explicit_order: bool = False) -> str | None:
+    """The positive class of a binary task (None for more classes): ``positive`` when given;
+    else ``classes[1]`` when the caller set the class order (``explicit_order``); else the
+    one of two plain names (``normal`` / ``abnormal``, ``benign`` / ``malignant``, ``no`` /
+    ``yes``, ``0`` / ``1``, ... see :data:`POSITIVE_NAMES`). A binary task named otherwise
+    (``cyst`` / ``solid``) is a :class:`LabelError` saying how to choose."""
+    classes = [str(c) for c in classes]
+    if len(classes) != 2:
+        if positive is not None:
+            raise LabelError(f"positive: {positive!r} is only for binary tasks; this one has "
+                             f"{len(classes)} classes {classes} (macro averages are reported)")
+        return None
+    if positive is not None:
+        if positive not in classes:
+            raise LabelError(f"positive: {positive!r} is not a class of this task {classes}")
+        return positive
+    if explicit_order:
+        return classes[1]
+    lowered = [c.lower() for c in classes]
+    for neg, pos in ((0, 1), (1, 0)):
+        if lowered[neg] in NEGATIVE_NAMES and lowered[pos] in POSITIVE_NAMES:
+            return classes[pos]
+    raise LabelError(f"positive: the binary task {classes} has no obvious positive class; "
+                     f"name it: --positive {classes[1]} (finetune), or positive: "
+                     f"{classes[1]} in the config, or --set positive={classes[1]}. "
+                     "Sensitivity, precision and the threshold are those of that class.")
+
+
+def with_positive_last(data: LabelledSet, positive: str | None) -> LabelledSet:
+    """``data`` with its two classes ordered ``[negative, positive]`` (the convention of
+    :mod:`.metrics`: index 1 is positive); unchanged when already so or not binary."""
+    if positive is None or data.classes[1] == positive:
+        return data
+    return LabelledSet(list(data.paths), 1 - data.labels, data.classes[::-1],
+                       None if data.groups is None else data.groups.copy(), data.root)

@@ -21,12 +21,14 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from ..runtime.files import atomic_write
 from ..runtime.figures import pyplot, save_figure
-from .metrics import SCALAR_METRICS, checked_scores
+from .metrics import checked_scores
 
 METRIC_LABELS = {"auc": "AUC", "auc_weighted": "AUC (weighted)", "f1": "F1",
                  "f1_weighted": "F1 (weighted)", "accuracy": "accuracy",
                  "balanced_accuracy": "balanced accuracy", "precision": "precision",
                  "recall": "recall (sensitivity)", "specificity": "specificity"}
+HEADLINE_METRICS = tuple(METRIC_LABELS)   # the rows of the main tables
+AVERAGED_METRICS = ("precision", "recall", "specificity", "f1")  # macro / weighted table
 COMPARED_METRICS = ("auc", "f1", "accuracy", "balanced_accuracy")
 _NUMBER = re.compile(r"(?<![\w.])(?:-?\d+(?:\.\d+)?|n/a)(?![\w.])")
 _CODE = re.compile(r"`[^`]*`")
@@ -127,8 +129,10 @@ def _task_lines(task: dict) -> list[str]:
              ("held-out test fraction", fmt(task.get("test_size"))),
              ("seed", fmt(task.get("seed"))), ("data", _code(task.get("data", "")))]
     if len(classes) == 2:
-        note = (f"F1, precision and recall are those of the positive class {_code(classes[1])}; "
-                f"specificity is the recall of {_code(classes[0])}.")
+        how = "chosen by the user" if task.get("positive") else "by the class order"
+        note = (f"Positive class: {_code(classes[1])} ({how}, recorded as `positive` in "
+                f"report.json). F1, precision, recall (sensitivity) and the threshold are those "
+                f"of {_code(classes[1])}; specificity is the recall of {_code(classes[0])}.")
     else:
         note = ("F1, precision, recall, specificity and AUC (one-vs-rest) are macro averages "
                 "over the classes; the weighted rows weight each class by its images.")
@@ -145,35 +149,151 @@ def _comparison_lines(models: dict) -> list[str]:
     header = ["model"] + [f"{METRIC_LABELS[m]} [95 % CI]" for m in COMPARED_METRICS]
     return ["## Comparison on the held-out test set", "",
             "The ensemble of each model's fold models; intervals by percentile bootstrap over "
-            "the test images.", "", *_table(header, rows)]
+            "the test patients (images when there are no patient ids).", "",
+            *_table(header, rows)]
+
+
+def _pair_lines(comparisons: dict | None) -> list[str]:
+    """The paired tests of every two models (see ``finetune.comparisons``)."""
+    if not comparisons or not comparisons.get("pairs"):
+        return []
+    rows, skipped = [], []
+    for pair in comparisons["pairs"]:
+        mc = pair["mcnemar"]
+        rows.append([f"{_code(pair['a'])} vs {_code(pair['b'])}", fmt(pair.get("auc_a")),
+                     fmt(pair.get("auc_b")), _with_ci(pair.get("difference"), pair.get("ci")),
+                     fmt(pair.get("p_delong")), fmt(pair["accuracy_a"]),
+                     fmt(pair["accuracy_b"]), f"{fmt(mc['a_right_b_wrong'])} / "
+                     f"{fmt(mc['a_wrong_b_right'])}", fmt(mc["p_value"])])
+        skipped += [f"{_code(pair['a'])} vs {_code(pair['b'])}: {why}"
+                    for why in pair.get("not_computed", {}).values()]
+    header = ["a vs b", "AUC a", "AUC b", "AUC a - b [95 % CI]", "DeLong p", "accuracy a",
+              "accuracy b", "McNemar a only / b only right", "McNemar p"]
+    text = (f"Both models of a pair scored on the same images ({comparisons['on']}). The "
+            f"interval of the AUC difference is a paired percentile bootstrap resampling "
+            f"{comparisons['resampled']}; DeLong's test treats images as independent. McNemar "
+            "compares the accuracies at each model's operating point (the threshold fitted "
+            "out of fold for binary tasks, the most probable class otherwise). The p-values "
+            "are not adjusted for the number of pairs (see `n_pairs` in report.json); an "
+            "interval that contains zero means the data cannot tell the two models apart.")
+    return ["## Paired comparisons", "", text, "", *_table(header, rows),
+            *[f"- not computed: {line}" for line in skipped], *([""] if skipped else [])]
+
+
+def _cv_lines(cv: dict) -> list[str]:
+    summary, pooled, pooled_ci = cv["summary"], cv.get("pooled", {}), cv.get("pooled_ci", {})
+    rows = [(METRIC_LABELS[m], _mean_sd(summary.get(m)),
+             _interval(summary.get(m, {}).get("ci")), fmt(summary.get(m, {}).get("n")),
+             _with_ci(pooled.get(m), pooled_ci.get(m))) for m in HEADLINE_METRICS]
+    return ["### Cross-validation", "",
+            "Each fold's model scored on its own validation split, which chose nothing. Mean "
+            "± sd over the folds with a Student-t 95 % interval of the mean (approximate: the "
+            "folds share training data), and the metrics of all out-of-fold predictions pooled "
+            "with a bootstrap interval over patients.", "",
+            *_table(("metric", "mean ± sd", "95 % CI of the mean", "folds",
+                     "pooled out-of-fold [95 % CI]"), rows)]
+
+
+def _interval(ci) -> str:
+    low, high = ci if ci else (None, None)
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def _averages_lines(title: str, metrics: dict) -> list[str]:
+    rows = [(METRIC_LABELS[m], fmt(metrics.get(f"{m}_macro")), fmt(metrics.get(f"{m}_weighted")))
+            for m in AVERAGED_METRICS]
+    return [f"### {title}", "", *_table(("metric", "macro", "weighted"), rows)]
+
+
+def _per_class_lines(title: str, metrics: dict) -> list[str]:
+    keys = ("precision", "recall", "f1", "specificity", "auc", "support")
+    return [f"### {title}", "",
+            *_table(("class", "precision", "recall", "F1", "specificity", "AUC", "images"),
+                    [[_code(c)] + [fmt(values[k]) for k in keys]
+                     for c, values in metrics["per_class"].items()])]
+
+
+def _assessment_lines(assessment: dict | None, where: str) -> list[str]:
+    if not assessment:
+        return []
+    rules, lines = assessment["rules"], []
+    if point := assessment.get("operating_point"):
+        rule = (f"Youden's J" if rules["rule"] == "youden" else
+                "the highest threshold reaching the target sensitivity `"
+                f"{rules['target_sensitivity']}`" if rules["rule"] == "sensitivity" else
+                "a fixed threshold")
+        rows = [("threshold", fmt(rules["threshold"]))]
+        rows += [(label, _with_ci(point.get(key), point.get(f"{key}_ci")))
+                 for key, label in (("sensitivity", "sensitivity"),
+                                    ("specificity", "specificity"), ("ppv", "PPV"),
+                                    ("npv", "NPV"), ("accuracy", "accuracy"))]
+        rows += [(key.upper(), fmt(point.get(key))) for key in ("tp", "fp", "tn", "fn")]
+        lines += [f"### Operating point ({where})", "",
+                  f"Threshold on the positive class's probability chosen by {rule} on "
+                  f"{rules['fitted_on']} and applied unchanged here (positive when the "
+                  "probability is at or above it); 95 % bootstrap intervals.", "",
+                  *_table(("quantity", "value [95 % CI]"), rows)]
+    calibration = assessment["calibration"]
+    rows = [("Brier score", fmt(calibration["brier"])),
+            ("expected calibration error", fmt(calibration["ece"]))]
+    text = "Of the probabilities as the model gives them."
+    if raw := assessment.get("calibration_uncalibrated"):
+        rows = [("temperature", fmt(rules["temperature"])),
+                ("Brier score (calibrated)", fmt(calibration["brier"])),
+                ("Brier score (raw)", fmt(raw["brier"])),
+                ("expected calibration error (calibrated)", fmt(calibration["ece"])),
+                ("expected calibration error (raw)", fmt(raw["ece"]))]
+        text = (f"Temperature scaling fitted on {rules['fitted_on']}; AUC and the other "
+                "metrics above use the raw probabilities.")
+    return lines + [f"### Calibration ({where})", "", text, "",
+                    *_table(("quantity", "value"), rows)]
 
 
 def _model_lines(name: str, model: dict, classes: Sequence[str]) -> list[str]:
     lines = [f"## Model {_code(name)}", "", model.get("description", ""), ""]
     if cv := model.get("cv"):
-        lines += ["### Cross-validation", "",
-                  "Mean ± sd over the folds, each scored on its own validation split.", "",
-                  *_table(("metric", "mean ± sd", "folds"),
-                          [(METRIC_LABELS[m], _mean_sd(cv["summary"].get(m)),
-                            fmt(cv["summary"].get(m, {}).get("n"))) for m in SCALAR_METRICS])]
+        lines += _cv_lines(cv)
+        if pooled := cv.get("pooled"):
+            lines += _averages_lines("Macro and weighted averages (pooled out-of-fold)", pooled)
+            lines += _per_class_lines("Per class (pooled out-of-fold)", pooled)
+        lines += _assessment_lines(cv.get("assessment"), "pooled out-of-fold, fitted on itself")
     test = model.get("test", {})
     if ensemble := test.get("ensemble"):
         lines += ["### Held-out test set", "",
                   *_table(("metric", "ensemble [95 % CI]", "fold models mean ± sd"),
                           [(METRIC_LABELS[m], _with_ci(ensemble.get(m),
                                                        test.get("ensemble_ci", {}).get(m)),
-                            _mean_sd(test.get("summary", {}).get(m))) for m in SCALAR_METRICS])]
-        keys = ("precision", "recall", "f1", "specificity", "auc", "support")
-        lines += ["### Per class (test-set ensemble)", "",
-                  *_table(("class", "precision", "recall", "F1", "specificity", "AUC", "images"),
-                          [[_code(c)] + [fmt(values[k]) for k in keys]
-                           for c, values in ensemble["per_class"].items()])]
+                            _mean_sd(test.get("summary", {}).get(m))) for m in HEADLINE_METRICS])]
+        lines += _averages_lines("Macro and weighted averages (test-set ensemble)", ensemble)
+        lines += _per_class_lines("Per class (test-set ensemble)", ensemble)
         lines += ["### Confusion matrix (test-set ensemble)", "",
-                  "Rows: true class; columns: predicted class.", "",
+                  "Rows: true class; columns: predicted class (the most probable).", "",
                   *_table(["true \\ predicted"] + [_code(c) for c in classes],
                           [[_code(c)] + [fmt(v) for v in row]
                            for c, row in zip(classes, ensemble["confusion_matrix"])])]
+        lines += _assessment_lines(test.get("assessment"), "test-set ensemble")
     return lines + _figures(model.get("figures"))
+
+
+def _provenance_lines(record: dict | None) -> list[str]:
+    """Where the numbers came from; every value in a code span (names, not numbers)."""
+    if not record:
+        return []
+    versions = record.get("versions") or {}
+    rows = [("created", _code(record.get("created"))),
+            ("commit", _code(record.get("commit")) + (" (uncommitted changes)"
+                                                      if record.get("dirty") else "")),
+            ("package version", _code(record.get("package_version"))),
+            *[(f"version of {_code(k)}", _code(v)) for k, v in versions.items()],
+            ("command", _code(record.get("command"))),
+            ("device", _code(record.get("device"))),
+            ("seed", fmt(record.get("seed"))), ("host", _code(record.get("host")))]
+    for name, entry in (record.get("files") or {}).items():
+        if entry:
+            rows.append((f"sha256 of {_code(name)}", f"{_code(entry['sha256'])} "
+                                                     f"({_code(entry['path'])})"))
+    return ["## Provenance", "", "The full configuration is under `config` and "
+            "`provenance` in report.json.", "", *_table(("", ""), rows)]
 
 
 def render_markdown(report: dict) -> str:
@@ -183,6 +303,7 @@ def render_markdown(report: dict) -> str:
     lines = [f"# {report.get('title', 'Evaluation report')}", "", *_task_lines(task)]
     if any(model.get("test", {}).get("ensemble") for model in models.values()):
         lines += _comparison_lines(models)
+    lines += _pair_lines(report.get("comparisons"))
     for name, model in models.items():
         lines += _model_lines(name, model, task.get("classes", []))
     for section in report.get("sections", []):
@@ -192,6 +313,7 @@ def render_markdown(report: dict) -> str:
                             [(_code(k), fmt(v)) for k, v in numbers.items()])
     if figures := report.get("figures"):
         lines += ["## Figures", "", *_figures(figures)]
+    lines += _provenance_lines(report.get("provenance"))
     return "\n".join(lines).rstrip() + "\n"
 
 
