@@ -47,8 +47,8 @@ def sklearn_averages(y, pred, specificity):
     """The macro and weighted averages of AVERAGED_METRICS straight from scikit-learn, and
     specificity averaged over classes (weighted by each class's true images)."""
     support = np.bincount(y, minlength=len(specificity))
-    out = {f"specificity_macro": specificity.mean(),
-           f"specificity_weighted": (specificity * support).sum() / support.sum(),
+    out = {"specificity_macro": specificity.mean(),
+           "specificity_weighted": (specificity * support).sum() / support.sum(),
            "f1_macro": f1_score(y, pred, average="macro", zero_division=0)}
     for average in ("macro", "weighted"):
         out[f"precision_{average}"] = precision_score(y, pred, average=average, zero_division=0)

@@ -95,7 +95,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         "auc": roc_auc(y_true, probs, "macro"),
         "auc_weighted": roc_auc(y_true, probs, "weighted"),
         "f1": float(_headline(f1)),
-        "f1_weighted": averaged.pop("f1_weighted"),
+        "f1_weighted": averaged["f1_weighted"],
         "accuracy": float(accuracy_score(y_true, predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, predicted)),
         "precision": float(_headline(precision)),
