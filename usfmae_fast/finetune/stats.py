@@ -20,6 +20,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as _sps
 
+from .metrics import bootstrap_weights, checked_bootstrap_args, resampling_units, weighted_auc
+
 __all__ = ["AUCComparison", "DeLongResult", "McNemarResult", "compare_auc", "delong", "mcnemar"]
 
 
@@ -186,49 +188,18 @@ def delong(y_true, score_a, score_b) -> DeLongResult:
 # ---------------------------------------------------------------------------------------------
 # bootstrap
 
-def _weighted_aucs(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUC of ``score`` [N] (positives ``positive``) under each row of image weights [B, N]
-    (resampling counts): the Mann-Whitney statistic of the resampled multiset, ties one half.
-    Sorting is done once; each resample costs a cumulative sum. NaN where a resample lacks
-    positives or negatives."""
-    order = np.argsort(score, kind="stable")
-    s, p, w = score[order], positive[order], weights[:, order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])       # first image of each tie bin
-    bin_of = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1        # tie bin of each sorted image
-    wneg = np.where(p, 0.0, w)
-    cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(wneg, axis=1)], axis=1)
-    ends = np.r_[starts[1:], len(s)]
-    below = cum[:, starts]                                      # negative weight below each bin
-    inbin = cum[:, ends] - below                                # negative weight tied in the bin
-    wpos = w[:, p]
-    bins = bin_of[p]
-    num = (wpos * (below[:, bins] + 0.5 * inbin[:, bins])).sum(axis=1)
-    den = wpos.sum(axis=1) * cum[:, -1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _bootstrap_differences(y, sa, sb, k, unit_of, n_units, n_boot, seed):
-    """Paired bootstrap AUC differences [n_boot] (NaN where a resample misses a class).
-
-    Draws ``rng.integers(0, n_units, size=(n_boot, n_units))`` from
-    ``np.random.default_rng(seed)``: row b lists the units (patients, in ``np.unique`` order of
-    ``groups``; or images) of resample b; both models are scored on the same resample."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_units, size=(n_boot, n_units))
+def _bootstrap_differences(y, sa, sb, k, unit_of, n_boot, seed):
+    """Paired bootstrap AUC differences [n_boot] (NaN where a resample misses a class): the
+    resamples of :func:`~usfmae_fast.finetune.metrics.bootstrap_weights` (patients, in
+    ``np.unique`` order of ``groups``; or images); both models are scored on the same
+    resample."""
     pos = _positives(y, k, sa.shape[0])
-    out = np.empty(n_boot)
-    chunk = max(1, 1_000_000 // max(len(y), n_units))          # bounds memory: ~10 [b, N] arrays
-    for lo in range(0, n_boot, chunk):
-        d = draws[lo:lo + chunk]
-        b = len(d)
-        counts = np.bincount((d + (np.arange(b) * n_units)[:, None]).ravel(),
-                             minlength=b * n_units).reshape(b, n_units).astype(np.float64)
-        weights = counts[:, unit_of]                                  # [b, N]
-        auc_a = np.mean([_weighted_aucs(sa[j], pos[j], weights) for j in range(len(pos))], 0)
-        auc_b = np.mean([_weighted_aucs(sb[j], pos[j], weights) for j in range(len(pos))], 0)
-        out[lo:lo + b] = auc_a - auc_b
-    return out
+    parts = []
+    for weights in bootstrap_weights(unit_of, n_boot, seed, max_values=1_000_000):
+        auc_a = np.mean([weighted_auc(sa[j], pos[j], weights) for j in range(len(pos))], 0)
+        auc_b = np.mean([weighted_auc(sb[j], pos[j], weights) for j in range(len(pos))], 0)
+        parts.append(auc_a - auc_b)
+    return np.concatenate(parts)
 
 
 def compare_auc(y_true, prob_a, prob_b, groups=None, *, n_boot: int = 2000,
@@ -249,31 +220,18 @@ def compare_auc(y_true, prob_a, prob_b, groups=None, *, n_boot: int = 2000,
     mean from the joint per-class covariance (see :func:`delong`).
     """
     y, sa, sb, k = _check_inputs(y_true, prob_a, prob_b, ("y_true", "prob_a", "prob_b"))
-    if not 0 < level < 1:
-        raise ValueError(f"level: expected a value in (0, 1), got {level}")
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot: expected a positive number of resamples, got {n_boot}")
-    if groups is None:
-        unit_of, n_units = np.arange(len(y)), len(y)
-    else:
-        g = np.asarray(groups)
-        if g.ndim != 1 or len(g) != len(y):
-            raise ValueError(f"groups: expected one patient id per image ({len(y)}), "
-                             f"got shape {g.shape}")
-        if g.dtype.kind == "f" and np.any(np.isnan(g)):
-            raise ValueError("groups: contains NaN patient ids")
-        _, unit_of = np.unique(g, return_inverse=True)
-        unit_of = unit_of.reshape(-1)
-        n_units = int(unit_of.max()) + 1
+    checked_bootstrap_args(n_boot, level)
+    unit_of = resampling_units(groups, len(y))
     dl = delong(y, prob_a, prob_b)
-    diffs = _bootstrap_differences(y, sa, sb, k, unit_of, n_units, int(n_boot), seed)
+    diffs = _bootstrap_differences(y, sa, sb, k, unit_of, int(n_boot), seed)
     valid = diffs[np.isfinite(diffs)]
     if len(valid) == 0:
         raise ValueError("groups: no bootstrap resample contained every class; too few patients")
     alpha = (1 - level) / 2
     lo, hi = np.quantile(valid, [alpha, 1 - alpha])
     return AUCComparison(dl.auc_a, dl.auc_b, dl.auc_a - dl.auc_b, (float(lo), float(hi)),
-                         float(level), dl.p_value, len(y), n_units, int(n_boot), len(valid))
+                         float(level), dl.p_value, len(y), int(unit_of.max()) + 1, int(n_boot),
+                         len(valid))
 
 
 # ---------------------------------------------------------------------------------------------
