@@ -6,6 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from usfmae_fast.finetune.assessment import assess, fit_rules
+from usfmae_fast.finetune.comparisons import compare_models
+from usfmae_fast.runtime.provenance import provenance
 from usfmae_fast.finetune.metrics import (SCALAR_METRICS, bootstrap_ci, classification_metrics,
                                           summarize)
 from usfmae_fast.finetune.report import (COMPARED_METRICS, METRIC_LABELS, fmt, parse_report_numbers,
@@ -23,14 +26,21 @@ def random_report(rng, out_dir, classes, folds=3):
     """What the protocol assembles, from random predictions through the metrics functions."""
     n_classes = len(classes)
     y_test = rng.integers(0, n_classes, size=int(rng.integers(40, 90)))
-    models = {}
+    groups = np.arange(len(y_test)) // 2            # two images per patient
+    models, ensembles, rules = {}, {}, {}
     for name in ("usfmae_vit", "densenet169"):
-        cv = []
+        cv, y_oof, oof = [], [], []
         for _ in range(folds):
             y_val = rng.integers(0, n_classes, size=30)
-            cv.append(classification_metrics(y_val, random_probs(rng, y_val, n_classes), classes))
+            val_probs = random_probs(rng, y_val, n_classes)
+            y_oof.append(y_val)
+            oof.append(val_probs)
+            cv.append(classification_metrics(y_val, val_probs, classes))
+        y_oof, oof = np.concatenate(y_oof), np.concatenate(oof)
+        rules[name] = fit_rules(y_oof, oof, classes, temperature=name == "densenet169",
+                                fitted_on="pooled out-of-fold predictions")
         fold_probs = [random_probs(rng, y_test, n_classes) for _ in range(folds)]
-        ensemble = np.mean(fold_probs, axis=0)
+        ensemble = ensembles[name] = np.mean(fold_probs, axis=0)
         test_folds = [classification_metrics(y_test, p, classes) for p in fold_probs]
         metrics = classification_metrics(y_test, ensemble, classes)
         figures = {
@@ -40,9 +50,14 @@ def random_report(rng, out_dir, classes, folds=3):
         models[name] = {
             "description": f"{name}, fine-tuned per fold",
             "config": {"epochs": 3, "lr": float(rng.random()), "backbone": name},
-            "cv": {"folds": cv, "summary": summarize(cv)},
+            "cv": {"folds": cv, "summary": summarize(cv),
+                   "pooled": classification_metrics(y_oof, oof, classes),
+                   "pooled_ci": bootstrap_ci(y_oof, oof, classes, n_boot=100)},
             "test": {"folds": test_folds, "summary": summarize(test_folds), "ensemble": metrics,
-                     "ensemble_ci": bootstrap_ci(y_test, ensemble, classes, n_boot=100)},
+                     "ensemble_ci": bootstrap_ci(y_test, ensemble, classes, n_boot=100,
+                                                 groups=groups),
+                     "assessment": assess(y_test, ensemble, classes, rules[name],
+                                          groups=groups, n_boot=100)},
             "figures": {k: str(p.relative_to(out_dir)) for k, p in figures.items()}}
     counts = rng.integers(10, 60, size=n_classes)
     return {
@@ -51,6 +66,10 @@ def random_report(rng, out_dir, classes, folds=3):
                  "class_counts": dict(zip(classes, counts)), "folds": folds,
                  "test_size": 0.2, "seed": 0, "data": "/data/2024/labels_v2.csv"},
         "models": models,
+        "comparisons": compare_models(y_test, ensembles,
+                                      {n: rules[n].predict(p) for n, p in ensembles.items()},
+                                      groups=groups, n_boot=200),
+        "provenance": provenance(config={"seed": 0}, seed=0, device="cpu"),
         "figures": {"roc of usfmae_vit": models["usfmae_vit"]["figures"]["roc"]},
         "sections": [{"title": "Score-CAM pointing game", "text": "Hits over lesion masks.",
                       "numbers": {"pointing_game": float(rng.random()), "images": 12,
@@ -131,8 +150,10 @@ def test_each_table_row_holds_the_values_it_names(written):
             fmt(v) for m in COMPARED_METRICS for v in (ensemble[m], *ci[m])]
         for m in SCALAR_METRICS:
             label = METRIC_LABELS[m]
+            pooled, pooled_ci = model["cv"]["pooled"][m], model["cv"]["pooled_ci"][m]
             assert tables[f"Model {name} / Cross-validation"][label] == [
-                fmt(cv[m]["mean"]), fmt(cv[m]["sd"]), fmt(cv[m]["n"])]
+                fmt(cv[m]["mean"]), fmt(cv[m]["sd"]), *map(fmt, cv[m]["ci"]), fmt(cv[m]["n"]),
+                fmt(pooled), *map(fmt, pooled_ci)]
             assert tables[f"Model {name} / Held-out test set"][label] == [
                 fmt(ensemble[m]), *map(fmt, ci[m]), fmt(summary[m]["mean"]),
                 fmt(summary[m]["sd"])]
@@ -143,6 +164,33 @@ def test_each_table_row_holds_the_values_it_names(written):
             assert tables[f"Model {name} / Per class (test-set ensemble)"][cls] == [
                 fmt(values[k]) for k in ("precision", "recall", "f1", "specificity", "auc",
                                          "support")]
+        for kind in ("precision", "recall", "specificity", "f1"):
+            row = tables[f"Model {name} / Macro and weighted averages (test-set ensemble)"]
+            assert row[METRIC_LABELS[kind]] == [fmt(ensemble[f"{kind}_macro"]),
+                                                fmt(ensemble[f"{kind}_weighted"])]
+        assessment = test["assessment"]
+        calibration = tables[f"Model {name} / Calibration (test-set ensemble)"]
+        if assessment["rules"]["temperature"] is None:
+            assert calibration["Brier score"] == [fmt(assessment["calibration"]["brier"])]
+        else:
+            assert calibration["temperature"] == [fmt(assessment["rules"]["temperature"])]
+            assert calibration["expected calibration error (raw)"] == [
+                fmt(assessment["calibration_uncalibrated"]["ece"])]
+        if len(task["classes"]) == 2:
+            point = assessment["operating_point"]
+            rows = tables[f"Model {name} / Operating point (test-set ensemble)"]
+            assert rows["threshold"] == [fmt(assessment["rules"]["threshold"])]
+            assert rows["sensitivity"] == [fmt(point["sensitivity"]),
+                                           *map(fmt, point["ci"]["sensitivity"])]
+            assert rows["TP"] == [fmt(point["tp"])]
+        else:
+            assert "operating_point" not in assessment
+    pair = report["comparisons"]["pairs"][0]
+    assert tables["Paired comparisons"]["usfmae_vit vs densenet169"] == [
+        fmt(pair["auc_a"]), fmt(pair["auc_b"]), fmt(pair["difference"]), *map(fmt, pair["ci"]),
+        fmt(pair["p_delong"]), fmt(pair["accuracy_a"]), fmt(pair["accuracy_b"]),
+        fmt(pair["mcnemar"]["a_right_b_wrong"]), fmt(pair["mcnemar"]["a_wrong_b_right"]),
+        fmt(pair["mcnemar"]["p_value"])]
     section = report["sections"][0]
     assert tables[section["title"]] == {k: [fmt(v)] for k, v in section["numbers"].items()}
 
@@ -170,6 +218,6 @@ def test_fmt_and_undefined_values(tmp_path):
     md = write_report(cv_only, tmp_path / "cv_only")[1].read_text()
     assert "Comparison" not in md and "Held-out test set" not in md
     assert parse_report_numbers(md)["Model m / Cross-validation"]["accuracy"] == [
-        fmt(metrics["accuracy"]), "0.0000", "1"]
+        fmt(metrics["accuracy"]), "0.0000", "n/a", "n/a", "1", "n/a", "n/a", "n/a"]
     with pytest.warns(UserWarning, match="1 figure"):
         write_report({**report, "figures": {"loss": "missing.png"}}, tmp_path)

@@ -3,12 +3,18 @@ stratified patient-grouped splits, classification metrics with bootstrap interva
 report (JSON, markdown, ROC and confusion-matrix figures); classifiers from USF-MAE / MAE
 checkpoints and timm baselines, one fold's training, the k-fold + test-set protocol, and
 prediction / feature extraction on images and DICOMs; paired model comparisons (DeLong,
-clustered bootstrap, McNemar)."""
+clustered bootstrap, McNemar); operating points and calibration fitted out of fold."""
 from ..runtime.lazy import lazy_exports
 
 _EXPORTS = {
     "labels": ("LabelError", "LabelledSet", "read_labels"),
-    "metrics": ("SCALAR_METRICS", "bootstrap_ci", "classification_metrics", "summarize"),
+    "metrics": ("ALL_METRICS", "AVERAGED_METRICS", "SCALAR_METRICS", "bootstrap_ci",
+                "classification_metrics", "fold_mean_ci", "summarize"),
+    "calibration": ("apply_temperature", "brier_score", "choose_threshold",
+                    "expected_calibration_error", "fit_temperature", "operating_point",
+                    "reliability_diagram"),
+    "assessment": ("Rules", "assess", "fit_rules"),
+    "comparisons": ("compare_models",),
     "report": ("fmt", "plot_confusion", "plot_roc", "render_markdown", "write_report"),
     "splits": ("SplitError", "check_splits", "holdout_split", "kfold_splits"),
     "config": ("ProtocolConfig", "TrainConfig"),

@@ -333,7 +333,10 @@ def _run_models(cfg: ProtocolConfig, plan: Plan) -> dict:
              "text": (f"Epoch selection: {selection}. The validation folds choose nothing, so "
                       "the cross-validation metrics are not optimistic. Operating point and "
                       "calibration are fitted on the pooled out-of-fold predictions and "
-                      "applied unchanged to the test set.")}],
+                      "applied unchanged to the test set."),
+             "numbers": {"epochs": cfg.train.epochs,
+                         "patience": cfg.train.patience if cfg.selection == "inner" else None,
+                         "inner_size": cfg.inner_size if cfg.selection == "inner" else None}}],
         "config": cfg.to_dict(),
         "provenance": provenance(
             config=cfg.to_dict(), seed=cfg.seed, device=str(resolve_device(cfg.train.device)),

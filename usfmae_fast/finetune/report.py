@@ -21,6 +21,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from ..runtime.files import atomic_write
 from ..runtime.figures import pyplot, save_figure
+from ..runtime.provenance import provenance_markdown
 from .metrics import checked_scores
 
 METRIC_LABELS = {"auc": "AUC", "auc_weighted": "AUC (weighted)", "f1": "F1",
@@ -28,7 +29,7 @@ METRIC_LABELS = {"auc": "AUC", "auc_weighted": "AUC (weighted)", "f1": "F1",
                  "balanced_accuracy": "balanced accuracy", "precision": "precision",
                  "recall": "recall (sensitivity)", "specificity": "specificity"}
 HEADLINE_METRICS = tuple(METRIC_LABELS)   # the rows of the main tables
-AVERAGED_METRICS = ("precision", "recall", "specificity", "f1")  # macro / weighted table
+AVERAGED_KINDS = ("precision", "recall", "specificity", "f1")  # the macro / weighted table
 COMPARED_METRICS = ("auc", "f1", "accuracy", "balanced_accuracy")
 _NUMBER = re.compile(r"(?<![\w.])(?:-?\d+(?:\.\d+)?|n/a)(?![\w.])")
 _CODE = re.compile(r"`[^`]*`")
@@ -187,7 +188,7 @@ def _cv_lines(cv: dict) -> list[str]:
              _with_ci(pooled.get(m), pooled_ci.get(m))) for m in HEADLINE_METRICS]
     return ["### Cross-validation", "",
             "Each fold's model scored on its own validation split, which chose nothing. Mean "
-            "± sd over the folds with a Student-t 95 % interval of the mean (approximate: the "
+            "± sd over the folds with a Student-t interval of the mean (approximate: the "
             "folds share training data), and the metrics of all out-of-fold predictions pooled "
             "with a bootstrap interval over patients.", "",
             *_table(("metric", "mean ± sd", "95 % CI of the mean", "folds",
@@ -201,7 +202,7 @@ def _interval(ci) -> str:
 
 def _averages_lines(title: str, metrics: dict) -> list[str]:
     rows = [(METRIC_LABELS[m], fmt(metrics.get(f"{m}_macro")), fmt(metrics.get(f"{m}_weighted")))
-            for m in AVERAGED_METRICS]
+            for m in AVERAGED_KINDS]
     return [f"### {title}", "", *_table(("metric", "macro", "weighted"), rows)]
 
 
@@ -223,7 +224,7 @@ def _assessment_lines(assessment: dict | None, where: str) -> list[str]:
                 f"{rules['target_sensitivity']}`" if rules["rule"] == "sensitivity" else
                 "a fixed threshold")
         rows = [("threshold", fmt(rules["threshold"]))]
-        rows += [(label, _with_ci(point.get(key), point.get(f"{key}_ci")))
+        rows += [(label, _with_ci(point.get(key), point.get("ci", {}).get(key)))
                  for key, label in (("sensitivity", "sensitivity"),
                                     ("specificity", "specificity"), ("ppv", "PPV"),
                                     ("npv", "NPV"), ("accuracy", "accuracy"))]
@@ -231,7 +232,7 @@ def _assessment_lines(assessment: dict | None, where: str) -> list[str]:
         lines += [f"### Operating point ({where})", "",
                   f"Threshold on the positive class's probability chosen by {rule} on "
                   f"{rules['fitted_on']} and applied unchanged here (positive when the "
-                  "probability is at or above it); 95 % bootstrap intervals.", "",
+                  "probability is at or above it); bootstrap intervals.", "",
                   *_table(("quantity", "value [95 % CI]"), rows)]
     calibration = assessment["calibration"]
     rows = [("Brier score", fmt(calibration["brier"])),
@@ -275,27 +276,6 @@ def _model_lines(name: str, model: dict, classes: Sequence[str]) -> list[str]:
     return lines + _figures(model.get("figures"))
 
 
-def _provenance_lines(record: dict | None) -> list[str]:
-    """Where the numbers came from; every value in a code span (names, not numbers)."""
-    if not record:
-        return []
-    versions = record.get("versions") or {}
-    rows = [("created", _code(record.get("created"))),
-            ("commit", _code(record.get("commit")) + (" (uncommitted changes)"
-                                                      if record.get("dirty") else "")),
-            ("package version", _code(record.get("package_version"))),
-            *[(f"version of {_code(k)}", _code(v)) for k, v in versions.items()],
-            ("command", _code(record.get("command"))),
-            ("device", _code(record.get("device"))),
-            ("seed", fmt(record.get("seed"))), ("host", _code(record.get("host")))]
-    for name, entry in (record.get("files") or {}).items():
-        if entry:
-            rows.append((f"sha256 of {_code(name)}", f"{_code(entry['sha256'])} "
-                                                     f"({_code(entry['path'])})"))
-    return ["## Provenance", "", "The full configuration is under `config` and "
-            "`provenance` in report.json.", "", *_table(("", ""), rows)]
-
-
 def render_markdown(report: dict) -> str:
     """report.md of a JSON-ready report (see :func:`write_report`)."""
     task = report.get("task", {})
@@ -313,7 +293,8 @@ def render_markdown(report: dict) -> str:
                             [(_code(k), fmt(v)) for k, v in numbers.items()])
     if figures := report.get("figures"):
         lines += ["## Figures", "", *_figures(figures)]
-    lines += _provenance_lines(report.get("provenance"))
+    if record := report.get("provenance"):
+        lines += provenance_markdown(record)
     return "\n".join(lines).rstrip() + "\n"
 
 
