@@ -304,7 +304,8 @@ def test_summarize_gives_mean_sd_count_and_t_interval_over_folds():
         assert summary[name]["sd"] == pytest.approx(statistics.stdev(values), abs=1e-12)
         expected = sps.t.interval(0.95, len(values) - 1, loc=statistics.fmean(values),
                                   scale=statistics.stdev(values) / len(values) ** 0.5)
-        assert summary[name]["ci"] == pytest.approx(list(expected), abs=1e-12)
+        clipped = [max(expected[0], 0.0), min(expected[1], 1.0)]  # every metric lies in [0, 1]
+        assert summary[name]["ci"] == pytest.approx(clipped, abs=1e-12)
     assert summary["auc"]["n"] == 4
     single = summarize(folds[:1])
     assert single["f1"] == {"mean": folds[0]["f1"], "sd": 0.0, "n": 1, "ci": [None, None]}
@@ -321,5 +322,8 @@ def test_fold_mean_ci():
     low, high = fold_mean_ci([0.7, 0.8, None])
     assert (low + high) / 2 == pytest.approx(0.75) and high - low == pytest.approx(
         2 * 12.7062047361747 * 0.05, rel=1e-9)
+    assert fold_mean_ci([0.2, 0.8], bounds=(0.0, 1.0)) == [0.0, 1.0]
+    assert fold_mean_ci([0.9, 0.92, 0.91], bounds=(0.0, 1.0))[1] == pytest.approx(
+        0.91 + sps.t.ppf(0.975, 2) * 0.01 / 3 ** 0.5)  # inside the bounds: untouched
     with pytest.raises(ValueError, match="^level:"):
         fold_mean_ci([0.1, 0.2], level=1.0)

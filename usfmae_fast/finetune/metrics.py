@@ -261,10 +261,12 @@ def bootstrap_ci(y_true, probs, classes, n_boot: int = 1000, seed: int = 0,
 # ---------------------------------------------------------------------------------------------
 # over folds
 
-def fold_mean_ci(values: Sequence[float | None], level: float = 0.95) -> list:
+def fold_mean_ci(values: Sequence[float | None], level: float = 0.95,
+                 bounds: tuple[float, float] | None = None) -> list:
     """Student-t interval ``[low, high]`` of the mean of the defined (not ``None``) ``values``,
-    one per cross-validation fold: ``mean ± t(n - 1) * sd / sqrt(n)``; ``[None, None]`` for
-    fewer than two defined values.
+    one per cross-validation fold: ``mean ± t(n - 1) * sd / sqrt(n)``, clipped to ``bounds``
+    (the range the metric can take; with few folds the t quantile is large, 12.7 for two);
+    ``[None, None]`` for fewer than two defined values.
 
     Approximate: fold results are not independent -- their training sets overlap, and no
     unbiased estimator of the variance of k-fold cross-validation exists (Bengio & Grandvalet
@@ -278,13 +280,16 @@ def fold_mean_ci(values: Sequence[float | None], level: float = 0.95) -> list:
     mean = defined.mean()
     half = _sps.t.ppf(0.5 + level / 2, defined.size - 1) * defined.std(ddof=1) \
         / np.sqrt(defined.size)
-    return [float(mean - half), float(mean + half)]
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return [float(low), float(high)]
 
 
 def summarize(values: Sequence[dict], level: float = 0.95) -> dict[str, dict]:
     """``{metric: {"mean", "sd", "n", "ci"}}`` over folds for every metric of
     :data:`ALL_METRICS` (sd with ddof=1, 0.0 for a single fold; ``ci`` by :func:`fold_mean_ci`,
-    an approximate t-interval of the mean); folds where a metric is ``None`` or missing do not
+    an approximate t-interval of the mean clipped to [0, 1], every metric's range); folds where a metric is ``None`` or missing do not
     count, and a metric no fold defines has ``mean`` and ``sd`` ``None``."""
     summary = {}
     for name in ALL_METRICS:
@@ -294,5 +299,5 @@ def summarize(values: Sequence[dict], level: float = 0.95) -> dict[str, dict]:
             "sd": float(defined.std(ddof=1)) if defined.size > 1 else (0.0 if defined.size
                                                                          else None),
             "n": int(defined.size),
-            "ci": fold_mean_ci(defined.tolist(), level)}
+            "ci": fold_mean_ci(defined.tolist(), level, bounds=(0.0, 1.0))}
     return summary

@@ -265,7 +265,7 @@ def _comparisons(plan: Plan, predictions: dict[str, dict], cfg: ProtocolConfig) 
     is none); None for a single model."""
     if len(predictions) < 2:
         return None
-    key, data, on = (("test", plan.test, "test set (fold-model ensembles)")
+    key, data, on = (("test", plan.test, "the test set, fold-model ensembles")
                      if plan.test is not None else
                      ("oof", plan.dev, "pooled out-of-fold predictions"))
     probs = {name: p[key] for name, p in predictions.items()}
