@@ -47,14 +47,15 @@ def add_commands(sub) -> None:
         return 0
 
     p = sub.add_parser("scorecam", help="Score-CAM heatmaps, overlays and a grid for images "
-                       "(+ pointing game / energy in lesion masks)",
+                       "(+ pointing game / energy in lesion masks, deletion / insertion)",
                        description="Score-CAM of a timm classifier checkpoint (safetensors or "
                        ".pth/.pt state dict with its head; the architecture from --model or the "
                        "checkpoint's 'arch' entry; see usfmae_fast.models.classifier) on PNG / "
                        "JPEG images resized to the model's input. Writes OUT/heatmaps/*.npy, "
-                       "OUT/overlays/*.png, OUT/grid.png and OUT/summary.json (class explained, target layer, "
-                       "all-zero maps, pointing game and energy in mask beside a centre pointer "
-                       "and a uniform map, the tolerance, deletion / insertion areas). "
+                       "OUT/overlays/*.png, OUT/grid.png and OUT/summary.json (class explained, "
+                       "target layer, all-zero maps, pointing game and energy in mask beside a "
+                       "centre pointer's and a uniform map's, the tolerance, deletion / "
+                       "insertion areas of Score-CAM, Grad-CAM, Eigen-CAM and a random map). "
                        + CONFIG_ORDER)
     add_config_args(p, "ScorecamConfig", "alpha=0.3")
     p.add_argument("--ckpt", required=True, help="classifier checkpoint (.safetensors/.pth/.pt)")
