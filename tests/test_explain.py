@@ -287,7 +287,7 @@ def test_pointing_game_and_energy():
     assert pointing_game(heat[1], mask[1], tolerance=2.5) is True
     assert pointing_game(torch.tensor(heat[1]), torch.tensor(mask[1]), tolerance=2.0) is False
     np.testing.assert_allclose(energy_in_mask(heat, mask), [1 / 1.5, 0.0])
-    assert np.isnan(energy_in_mask(np.zeros((8, 8)), mask[0]))
+    assert energy_in_mask(np.zeros((8, 8)), mask[0]) == 0.0  # all zero: no energy inside
     with pytest.raises(ValueError, match="mask: image 0 has an empty mask"):
         energy_in_mask(heat[0], np.zeros((8, 8)))
     with pytest.raises(ValueError, match="mask: shape"):
@@ -353,7 +353,7 @@ def test_cli_scorecam_writes_maps_overlays_grid_and_scores(tmp_path):
     heat = np.load(out / "heatmaps" / "a.npy")
     assert heat.shape == (32, 32) and Image.open(out / "overlays" / "a.png").size == (32, 32)
 
-    from usfmae_fast.explain.run import load_classifier
+    from usfmae_fast.models.classifier import load_classifier
     model = load_classifier(ckpt)
     pixels = torch.from_numpy(load_image(folder / "a.png", 3, (32, 32))).permute(2, 0, 1)[None]
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.pretrained_cfg["mean"],
@@ -388,7 +388,7 @@ def test_scorecam_and_evaluation_feed_the_model_the_same_tensors(tmp_path):
 def test_load_classifier_formats_and_errors(tmp_path):
     import argparse
 
-    from usfmae_fast.explain.run import load_classifier
+    from usfmae_fast.models.classifier import load_classifier
     source = tiny_vit(img_size=40)  # img_size is read off the position embedding
     kwargs = dict(TINY_VIT)
     path = tmp_path / "checkpoint-7.pth.tar"  # what timm's train.py saves

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..models.classifier import expected_input
 from ..runtime.precision import PRECISIONS, torch_dtype
+from .config import LAYER_CHOICES
 
 Reshape = Callable[[torch.Tensor], torch.Tensor]
 TORCH_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # also accepted
@@ -79,8 +80,15 @@ def default_layer(model: nn.Module) -> str:
 
 
 def find_layer(model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
-    """``(name, module)``; negative indices count from the end (``blocks.-1.norm1``)."""
+    """``(name, module)``; negative indices count from the end (``blocks.-1.norm1``), and a
+    name of :data:`LAYER_CHOICES` stands for that module of a ViT's last block."""
     name = default_layer(model) if name is None else name
+    if name in LAYER_CHOICES:
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
+            raise ValueError(f"target_layer: {name!r} names a module of a ViT's last block; "
+                             f"{type(model).__name__} has no blocks")
+        name = f"blocks.{len(blocks) - 1}.{LAYER_CHOICES[name]}"
     module = model
     for part in name.split("."):
         try:
