@@ -205,7 +205,7 @@ def scorecam_stage(cfg: DemoConfig, finetune_report: dict, finetune_dir: Path, t
     label_of = {p: test.classes[i] for p, i in zip(test.paths, test.labels)}
     images = [p for p, c in label_of.items() if c in LESION_CLASSES]
     summary = explain_images(finetune_dir / name / f"fold{best}" / "best.safetensors", images,
-                             out, masks=cfg.masks)
+                             out, masks=cfg.masks, labels=label_of)  # explain the true class
     per_class = {}
     for c in LESION_CLASSES:
         hits = [r["pointing_game"] for r in summary["images"]
@@ -262,13 +262,25 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
         {"title": "Score-CAM",
          "text": (f"Score-CAM (`{cam['target_layer']}`, {cam['score']} scores, {cam['weights']} "
                   f"weights) of the best {cam['model_name']} fold on the test set's lesion "
-                  "images; pointing game: the heatmap's maximum lies inside the lesion mask; "
-                  "energy: the share of the heatmap inside the mask."),
+                  "images, explaining each image's true class; pointing game: the heatmap's "
+                  "maximum lies within `tolerance` pixels of the lesion mask; energy: the share "
+                  "of the heatmap inside the mask; an all-zero map scores a miss and no energy "
+                  "in both. Beside them, what a centre pointer and a uniform map score on the "
+                  "same images. Faithfulness: area under the explained class's probability as "
+                  "the most salient pixels are blurred away (deletion, lower is better) or put "
+                  "back (insertion, higher is better), for Score-CAM, Grad-CAM, Eigen-CAM and "
+                  "a random map."),
          "numbers": {"images_with_masks": cam["images_with_masks"],
-                     "pointing_game": cam["pointing_game"],
-                     "energy_in_mask": cam["energy_in_mask"],
+                     "tolerance": cam["tolerance"], "zero_maps": cam["zero_maps"],
+                     **{f"{score}{suffix}": cam.get(f"{score}{suffix}")
+                        for score in ("pointing_game", "energy_in_mask")
+                        for suffix in ("", "_centre_pointer", "_uniform_map")},
                      **{f"pointing_game_{c}": v
-                        for c, v in cam["pointing_game_per_class"].items()}}},
+                        for c, v in cam["pointing_game_per_class"].items()},
+                     **{f"{method}_{kind}": value
+                        for method, areas in ((cam.get("faithfulness") or {})
+                                              .get("methods") or {}).items()
+                        for kind, value in areas.items()}}},
         {"title": "Run time", "text": "Wall-clock seconds of each stage.",
          "numbers": {f"{k}_seconds": v for k, v in seconds.items()}},
     ]
