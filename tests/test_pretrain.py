@@ -353,3 +353,30 @@ def test_an_engine_leaves_the_process_wide_ops_backend_alone(tmp_path, backend):
     assert ops.get_backend() == "auto"
     engine.run()
     assert ops.get_backend() == "auto"
+
+
+def test_the_run_records_its_provenance(tmp_path):
+    import hashlib
+
+    from usfmae_fast.models.mae import mae_vit
+
+    images = _png_folder(tmp_path / "images", 12)
+    manifest = images / "manifest.csv"
+    manifest.write_text("path\n" + "".join(f"{i}.png\n" for i in range(12)))
+    sizes = {k.split(".")[1]: v for k, v in TINY.items() if k.startswith("model.")}
+    torch.save(mae_vit("tiny", **sizes, in_chans=1).state_dict(), tmp_path / "init.pt")
+    cfg = tiny_config(tmp_path / "run", data__source=str(images), data__backend="torch",
+                      data__workers=0, optim__steps=2, optim__batch_size=4,
+                      model__init_from=str(tmp_path / "init.pt"), output__figures=False,
+                      output__tensorboard=False)
+    summary = pretrain(cfg)
+    record = summary["provenance"]
+    assert json.loads((tmp_path / "run" / "provenance.json").read_text()) == record
+    assert record["config"] == cfg.to_dict() and record["seed"] == cfg.system.seed
+    assert record["device"] == "cpu" and record["versions"]["torch"] == torch.__version__
+    for name, path in (("init_checkpoint", tmp_path / "init.pt"), ("data_manifest", manifest)):
+        assert record["files"][name] == {"path": str(path), "bytes": path.stat().st_size,
+                                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    from usfmae_fast.models.checkpoint import read_file
+    _, metadata = read_file(tmp_path / "run" / "checkpoint.safetensors")
+    assert json.loads(metadata["provenance"]) == record
