@@ -1,10 +1,20 @@
-"""PyTorch datasets and loader with fb/mae's pretraining augmentation.
+"""PyTorch datasets and loader with fb/mae's pretraining augmentation (or USF-MAE's).
 
-Train: RandomResizedCrop (scale ``crop_scale``, default 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as fb/mae
-``main_pretrain.py`` (+ an optional random rotation); eval: resize the short side + center crop.
-Both give float32 ``[C, H, W]`` tensors, scaled to [0, 1] and then normalised with
+Train, in this order (each optional step off by default, which is fb/mae ``main_pretrain.py``):
+``resize`` (squash to S x S, as USF-MAE's ``Resize((224, 224), NEAREST)``) -> random rotation by
+a uniform angle in ``rotate`` degrees (black fill, same canvas) -> RandomResizedCrop (area
+``crop_scale``, default 0.2-1, ratio 3/4-4/3, ``crop_interpolation`` default bicubic) ->
+horizontal flip (``hflip``, 0.5) -> vertical flip (``vflip``). Eval: resize the short side +
+center crop. Both give float32 ``[C, H, W]`` tensors, scaled to [0, 1] and then normalised with
 ``(x - mean) / std``. Augmentation is seeded per (seed, epoch, index), so a run is reproducible
 whatever the order or the worker that loads an item.
+
+``crop_scale`` above 1 (USF-MAE's ``scale=(0.5, 2.0)``) keeps torchvision's semantics, which
+the DALI loader shares (``decoders.image_random_crop`` / ``random_resized_crop`` run the same
+rejection sampling): up to 10 draws of an area fraction in ``crop_scale`` and an aspect ratio;
+the first crop that fits inside the image is taken; when none fits, the whole image (its aspect
+ratio clamped to 3/4-4/3, centred). A draw above 1 never fits, so ``(0.5, 2.0)`` gives areas in
+[0.5, 1] and, when all 10 draws fail (about 14 % of images for a square input), the whole image.
 
 :class:`GrayFrameDataset` serves in-memory DICOM frames; :class:`TorchImageLoader` reads image
 files (PIL decode in DataLoader workers) and is both the reference for the DALI loader
@@ -21,21 +31,35 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from .base import (RATIO, SCALE, US_MEAN, US_STD, EpochLoader, LoaderConfig, Stat, _as_list,
-                   decode_image)
+                   angle_range, decode_image)
 from .image_files import ImageList, ImageRecord, read_bytes, warn_bad
 
 
 
+MODES = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+         "bicubic": InterpolationMode.BICUBIC}
+
+
 def train_transform(img_size: int, mean: Stat = US_MEAN, std: Stat = US_STD,
                     scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
-                    hflip: float = 0.5, rotate: float = 0.0) -> v2.Compose:
-    """fb/mae pretraining augmentation for ``uint8 [C, H, W]`` tensors; ``rotate`` > 0 adds a
-    rotation by a uniform angle in [-rotate, rotate] degrees (black fill, same canvas)."""
-    steps = [v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio,
-                                  interpolation=InterpolationMode.BICUBIC, antialias=True),
-             v2.RandomHorizontalFlip(hflip)]
-    if rotate > 0:
-        steps.append(v2.RandomRotation(rotate, interpolation=InterpolationMode.BILINEAR, fill=0))
+                    hflip: float = 0.5, rotate: float | tuple[float, float] = 0.0,
+                    vflip: float = 0.0, resize: str | None = None,
+                    rotate_interpolation: str = "bilinear",
+                    crop_interpolation: str = "bicubic") -> v2.Compose:
+    """The training augmentation of the module docstring for ``uint8 [C, H, W]`` tensors."""
+    steps = []
+    if resize is not None:
+        steps.append(v2.Resize((img_size, img_size), interpolation=MODES[resize],
+                               antialias=resize != "nearest"))
+    low, high = angle_range(rotate)
+    if (low, high) != (0, 0):
+        steps.append(v2.RandomRotation((low, high), interpolation=MODES[rotate_interpolation],
+                                       fill=0))
+    steps.append(v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio,
+                                      interpolation=MODES[crop_interpolation], antialias=True))
+    steps.append(v2.RandomHorizontalFlip(hflip))
+    if vflip > 0:
+        steps.append(v2.RandomVerticalFlip(vflip))
     return v2.Compose(steps + [_to_normalised(mean, std)])
 
 
@@ -195,7 +219,10 @@ class TorchImageLoader(EpochLoader):
     def __init__(self, images: ImageList, cfg: LoaderConfig):
         super().__init__(images, cfg)
         transform = (train_transform(cfg.img_size, cfg.mean, cfg.std, scale=cfg.crop_scale,
-                                     rotate=cfg.rotate)
+                                     hflip=cfg.hflip, rotate=cfg.rotate, vflip=cfg.vflip,
+                                     resize=cfg.resize,
+                                     rotate_interpolation=cfg.rotate_interpolation,
+                                     crop_interpolation=cfg.crop_interpolation)
                      if cfg.train else eval_transform(cfg.img_size, cfg.mean, cfg.std))
         self._sampler = _PlanSampler(cfg, len(images))
         self._loader = DataLoader(
