@@ -328,9 +328,10 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> PretrainConf
         _range(f"data.{name}", getattr(d, name), getattr(d, name) in INTERPOLATIONS,
                f"one of {INTERPOLATIONS}")
     _range("data.crop_scale", d.crop_scale,
-           len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] < math.inf,
-           "[low, high] with 0 < low <= high (high > 1: torchvision's semantics, see "
-           "data/load/torch_loader.py)")
+           len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= 1
+           and d.crop_scale[0] <= d.crop_scale[1] < math.inf,
+           "[low, high] with 0 < low <= 1, low <= high (high > 1: torchvision's semantics, "
+           "see data/load/torch_loader.py)")
     for name in ("hflip", "vflip"):
         _range(f"data.{name}", getattr(d, name), 0 <= getattr(d, name) <= 1,
                "a probability in [0, 1]")

@@ -101,8 +101,9 @@ class LoaderConfig:
             raise ValueError(f"rotate must be r in [0, 180] or (low, high) with -180 <= low <= "
                              f"high <= 180 degrees, got {self.rotate}")
         lo, hi = self.crop_scale = tuple(float(v) for v in self.crop_scale)
-        if not 0 < lo <= hi:  # high > 1: torchvision's semantics, see train_transform
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high, got {self.crop_scale}")
+        if not (0 < lo <= 1 and lo <= hi):  # high > 1: torchvision's semantics (torch_loader)
+            raise ValueError(f"crop_scale must satisfy 0 < low <= 1 and low <= high, got "
+                             f"{self.crop_scale}")
         for name in ("resize", "rotate_interpolation", "crop_interpolation"):
             value = getattr(self, name)
             if value not in INTERPOLATIONS and not (name == "resize" and value is None):
