@@ -273,7 +273,8 @@ def test_augmentation_fields_are_validated(key, value, message):
 
 def test_the_usfmae_augmentation_runs_on_rgb_files(tmp_path):
     with pytest.warns(UserWarning, match="init_from"):
-        cfg = build_config("usfmae", overrides={**TINY, "data.source": str(_png_folder(tmp_path / "images", 10)),
+        cfg = build_config("usfmae", overrides={
+            **TINY, "data.source": str(_png_folder(tmp_path / "images", 10)),
             "data.backend": "torch", "data.workers": 0, "optim.steps": 2, "optim.batch_size": 4,
             "system.precision": "fp32", "system.device": "cpu", "output.tensorboard": False,
             "output.out_dir": str(tmp_path / "run")})

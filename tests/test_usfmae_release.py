@@ -18,7 +18,8 @@ WIDTH, DEPTH, DEC_WIDTH, DEC_DEPTH, TOKENS = 768, 12, 512, 8, 1 + 14 * 14
 def _block(prefix: str, width: int) -> dict:
     """timm ``Block`` parameter shapes (fb/mae's timm 0.3.2 names, which timm still uses)."""
     return {f"{prefix}.norm1.weight": (width,), f"{prefix}.norm1.bias": (width,),
-            f"{prefix}.attn.qkv.weight": (3 * width, width), f"{prefix}.attn.qkv.bias": (3 * width,),
+            f"{prefix}.attn.qkv.weight": (3 * width, width),
+            f"{prefix}.attn.qkv.bias": (3 * width,),
             f"{prefix}.attn.proj.weight": (width, width), f"{prefix}.attn.proj.bias": (width,),
             f"{prefix}.norm2.weight": (width,), f"{prefix}.norm2.bias": (width,),
             f"{prefix}.mlp.fc1.weight": (4 * width, width), f"{prefix}.mlp.fc1.bias": (4 * width,),
