@@ -66,7 +66,7 @@ def _demo_data(cfg: DataConfig, loader_cfg) -> PretrainData:
     size = loader_cfg.img_size
     base = 2 * size  # pre-shrink once: crops are then cheap and still sharp at img_size
     train_set = GrayFrameDataset(train_frames, size, train=True, mean=mean, std=std,
-                                 seed=loader_cfg.seed, base_size=base)
+                                 seed=loader_cfg.seed, base_size=base, augment=augmentation(cfg))
     heldout, names = None, []
     if held:
         eval_set = GrayFrameDataset([frames[i] for i in held], size, train=False, mean=mean,
@@ -86,7 +86,8 @@ def _stat(values: list[float]) -> float | list[float]:
 
 
 def augmentation(cfg: DataConfig) -> dict:
-    """``make_loader`` keywords of the training augmentation in ``cfg``."""
+    """The training augmentation in ``cfg`` as ``make_loader`` / ``train_transform``
+    keywords."""
     rotate = cfg.rotate[0] if len(cfg.rotate) == 1 else tuple(cfg.rotate)
     return dict(rotate=rotate, crop_scale=tuple(cfg.crop_scale), resize=cfg.resize,
                 rotate_interpolation=cfg.rotate_interpolation,

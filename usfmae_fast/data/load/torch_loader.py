@@ -43,7 +43,7 @@ MODES = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BIL
 
 
 def train_transform(img_size: int, mean: Stat = US_MEAN, std: Stat = US_STD,
-                    scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
+                    crop_scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
                     hflip: float = 0.5, rotate: float | tuple[float, float] = 0.0,
                     vflip: float = 0.0, resize: str | None = None,
                     rotate_interpolation: str = "bilinear",
@@ -57,7 +57,7 @@ def train_transform(img_size: int, mean: Stat = US_MEAN, std: Stat = US_STD,
     if (low, high) != (0, 0):
         steps.append(v2.RandomRotation((low, high), interpolation=MODES[rotate_interpolation],
                                        fill=0))
-    steps.append(v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio,
+    steps.append(v2.RandomResizedCrop(img_size, scale=crop_scale, ratio=ratio,
                                       interpolation=MODES[crop_interpolation], antialias=True))
     steps.append(v2.RandomHorizontalFlip(hflip))
     if vflip > 0:
@@ -116,7 +116,8 @@ def _as_tensor(frame: np.ndarray) -> torch.Tensor:
 class GrayFrameDataset(Dataset):
     """Grayscale ``uint8 [H, W]`` frames -> normalised ``float32 [1, S, S]`` tensors.
 
-    ``train=True`` applies the seeded MAE augmentation (call :meth:`set_epoch` each epoch),
+    ``train=True`` applies the seeded MAE augmentation (call :meth:`set_epoch` each epoch;
+    ``augment``: :func:`train_transform` keywords, fb/mae's when not given),
     ``train=False`` the deterministic eval transform. ``base_size`` first shrinks every frame
     once so its short side is at most that many pixels (e.g. 2 x ``img_size``): the output is
     hardly different and the per-item crop + resize becomes much cheaper than on 800 x 600
@@ -127,7 +128,7 @@ class GrayFrameDataset(Dataset):
 
     def __init__(self, frames: Sequence[np.ndarray], img_size: int, train: bool = True,
                  mean: float = US_MEAN, std: float = US_STD, seed: int = 0,
-                 base_size: int | None = None):
+                 base_size: int | None = None, augment: dict | None = None):
         if len(frames) == 0:
             raise ValueError("GrayFrameDataset needs at least one frame")
         if img_size <= 0:
@@ -135,7 +136,8 @@ class GrayFrameDataset(Dataset):
         self.frames = [self._shrink(_as_tensor(f), base_size) for f in frames]
         self.img_size, self.train, self.mean, self.std = img_size, train, mean, std
         self.seed, self.epoch = int(seed), 0
-        self.transform = (train_transform if train else eval_transform)(img_size, mean, std)
+        self.transform = (train_transform(img_size, mean, std, **(augment or {})) if train
+                          else eval_transform(img_size, mean, std))
 
     @staticmethod
     def _shrink(frame: torch.Tensor, base_size: int | None) -> torch.Tensor:
@@ -220,7 +222,7 @@ class TorchImageLoader(EpochLoader):
 
     def __init__(self, images: ImageList, cfg: LoaderConfig):
         super().__init__(images, cfg)
-        transform = (train_transform(cfg.img_size, cfg.mean, cfg.std, scale=cfg.crop_scale,
+        transform = (train_transform(cfg.img_size, cfg.mean, cfg.std, crop_scale=cfg.crop_scale,
                                      hflip=cfg.hflip, rotate=cfg.rotate, vflip=cfg.vflip,
                                      resize=cfg.resize,
                                      rotate_interpolation=cfg.rotate_interpolation,
