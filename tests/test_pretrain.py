@@ -413,3 +413,5 @@ def test_the_run_records_its_provenance(tmp_path):
     from usfmae_fast.models.checkpoint import read_file
     _, metadata = read_file(tmp_path / "run" / "checkpoint.safetensors")
     assert json.loads(metadata["provenance"]) == record
+    assert ckpt.load_training_state(ckpt.checkpoint_path(tmp_path / "run", 2))[
+        "provenance"] == record

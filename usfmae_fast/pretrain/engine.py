@@ -312,7 +312,8 @@ class PretrainEngine:
             payload = {"train_state": asdict(self.state), "model": model_state,
                        "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                        "scaler": self.scaler.state_dict(), "rng": rngs,
-                       "config": self.cfg.to_dict(), "model_config": self.model.config}
+                       "config": self.cfg.to_dict(), "model_config": self.model.config,
+                       "provenance": self.provenance}
             path = str(ckpt.save_checkpoint(self.out_dir, self.state.step, payload,
                                             self.cfg.output.keep_last, keep=self.good_checkpoint))
         path = broadcast_object(path, self.ctx)  # also waits for rank 0's write
