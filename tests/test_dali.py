@@ -246,4 +246,41 @@ def test_crop_scale_sets_the_random_crop_area(images, backend):
     whole, small = vertical_range((1.0, 1.0)), vertical_range((0.1, 0.2))
     assert whole > 100 and small < 0.6 * whole, (whole, small)
     with pytest.raises(ValueError, match="crop_scale"):
-        load(images, backend, kind="pretrain", crop_scale=(0.5, 1.5))
+        load(images, backend, kind="pretrain", crop_scale=(0.6, 0.5))
+
+
+USFMAE_AUGMENTATION = dict(resize="nearest", rotate=(0.0, 90.0), rotate_interpolation="nearest",
+                           crop_scale=(0.5, 2.0), crop_interpolation="bilinear", hflip=0.5,
+                           vflip=0.5)
+
+
+@requires_dali
+def test_dali_matches_torch_with_the_usfmae_augmentation(images):
+    kw = dict(channels=3, batch_size=16, seed=0, mean=(0.485, 0.456, 0.406),
+              std=(0.229, 0.224, 0.225), **USFMAE_AUGMENTATION)
+    dali = summary(torch.cat([x for x, _ in batches(load(images, "dali", **kw), epochs=4)]))
+    ref = summary(torch.cat([x for x, _ in batches(load(images, "torch", **kw), epochs=4)]))
+    assert mismatch(dali, ref) == []
+    assert abs(ref["left-right"]) < 0.12 and abs(ref["top-bottom"]) < 0.12  # both flips
+    fb_mae = summary(torch.cat([x for x, _ in batches(load(images, "torch", **kw | dict(
+        rotate=0.0, vflip=0.0)), epochs=4)]))
+    assert mismatch(fb_mae, ref)  # the rotation's black corners and the flips show
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=requires_dali)])
+def test_crop_area_above_one_falls_back_to_the_whole_image(tmp_path, backend):
+    """torchvision's RandomResizedCrop semantics in both loaders: an area fraction above 1
+    never fits, so with scale (0.5, 2.0) a crop is the whole image only when 10 draws in a row
+    fail (5.5 % of the time for a square image, by torchvision's own get_params)."""
+    root = tmp_path / "square"
+    root.mkdir()
+    y, x = np.mgrid[0:64, 0:64]
+    ramp = (2 * y + 2 * x).astype(np.uint8)  # every crop but the whole image differs from it
+    Image.fromarray(ramp).save(root / "ramp.png")
+    loader = load(root, backend, kind="pretrain", batch_size=1, img_size=64, mean=0, std=1,
+                  hflip=0.0, crop_scale=(0.5, 2.0), crop_interpolation="nearest", seed=2)
+    crops = torch.cat([x for x, _ in batches(loader, epochs=400)])[:, 0]
+    whole = ((crops * 255 - torch.from_numpy(ramp).float()).abs().amax((1, 2)) < 0.5).float()
+    assert 0.025 < whole.mean() < 0.1, whole.mean()
+    with pytest.raises(ValueError, match="crop_scale"):  # DALI fails on a square image there
+        load(root, backend, kind="pretrain", crop_scale=(1.5, 2.0))

@@ -58,6 +58,19 @@ def test_every_artefact_exists(demo):
     assert cam["images_with_masks"] == len(cam["images"]) > 0  # every lesion has its mask
 
 
+def test_the_demo_records_its_provenance(demo):
+    import hashlib
+
+    out, report, _ = demo
+    record = json.loads((out / "provenance.json").read_text())
+    assert record == report["demo_provenance"] and record["seed"] == 0
+    weights = out / "pretrain" / "checkpoint.safetensors"
+    assert record["files"]["pretrained_weights"]["sha256"] == \
+        hashlib.sha256(weights.read_bytes()).hexdigest()
+    pretrain = json.loads((out / "pretrain" / "summary.json").read_text())
+    assert pretrain["provenance"]["config"] == pretrain["config"]
+
+
 def test_report_numbers_equal_report_json(demo):
     _, report, md = demo
     tables = parse_report_numbers(md)

@@ -246,9 +246,42 @@ def test_presets_follow_the_recipes():
     assert mae.system.precision == "bf16"
     with pytest.warns(UserWarning, match="init_from"):
         usf = build_config("usfmae")
-    assert usf.peak_lr() == pytest.approx(1.5e-4 * 128 / 256)
+    # the authors' code: lr = 3e-4 * 128 / 256 on DataLoader batches of 64
+    assert usf.optim.batch_size == 64 and usf.peak_lr() == pytest.approx(3e-4 * 128 / 256)
     assert not usf.model.norm_pix_loss and usf.optim.warmup_fraction == 0.1
     assert (usf.optim.min_lr, usf.optim.clip_grad, usf.system.precision) == (1e-5, 1.0, "bf16")
+    assert (usf.optim.beta1, usf.optim.beta2, usf.optim.epochs) == (0.9, 0.999, 100)
+    assert (usf.model.in_chans, usf.model.img_size, usf.system.seed) == (3, 224, 42)
+    d = usf.data
+    assert (d.mean, d.std) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert (d.resize, d.rotate, d.rotate_interpolation) == ("nearest", [0.0, 90.0], "nearest")
+    assert (d.crop_scale, d.crop_interpolation, d.hflip, d.vflip) == ([0.5, 2.0], "bilinear",
+                                                                       0.5, 0.5)
+    assert (mae.data.crop_scale, mae.data.vflip, mae.data.resize) == ([0.2, 1.0], 0.0, None)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("data.mean", "0.1,0.2", "data.mean must be 1 or 3"), ("data.std", "0", "data.std"),
+    ("data.rotate", "10,5", "data.rotate"), ("data.rotate", "200", "data.rotate"),
+    ("data.resize", "lanczos", "data.resize"), ("data.crop_scale", "0.5", "data.crop_scale"),
+    ("data.crop_scale", "0,1", "data.crop_scale"), ("data.vflip", "1.5", "data.vflip"),
+    ("data.crop_interpolation", "area", "data.crop_interpolation")])
+def test_augmentation_fields_are_validated(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("mae", overrides={"model.in_chans": 3, key: value})
+
+
+def test_the_usfmae_augmentation_runs_on_rgb_files(tmp_path):
+    with pytest.warns(UserWarning, match="init_from"):
+        cfg = build_config("usfmae", overrides={
+            **TINY, "data.source": str(_png_folder(tmp_path / "images", 10)),
+            "data.backend": "torch", "data.workers": 0, "optim.steps": 2, "optim.batch_size": 4,
+            "system.precision": "fp32", "system.device": "cpu", "output.tensorboard": False,
+            "output.out_dir": str(tmp_path / "run")})
+    summary = pretrain(cfg)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    assert summary["data_mean"] == [0.485, 0.456, 0.406] and summary["model_config"][
+        "in_chans"] == 3
 
 
 def test_yaml_file_overrides_and_clear_errors(tmp_path):
@@ -342,7 +375,7 @@ def test_image_folder_source(tmp_path):
     assert (data["images"], data["train"], data["heldout"], data["loader"]) == (22, 20, 2, "torch")
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     assert Path(summary["artefacts"]["reconstruction"]).stat().st_size > 0
-    assert summary["data_mean"] == cfg.data.mean  # files are normalised with data.mean / std
+    assert [summary["data_mean"]] == cfg.data.mean  # files are normalised with data.mean / std
 
 
 def test_an_engine_leaves_the_process_wide_ops_backend_alone(tmp_path, backend):
@@ -353,3 +386,32 @@ def test_an_engine_leaves_the_process_wide_ops_backend_alone(tmp_path, backend):
     assert ops.get_backend() == "auto"
     engine.run()
     assert ops.get_backend() == "auto"
+
+
+def test_the_run_records_its_provenance(tmp_path):
+    import hashlib
+
+    from usfmae_fast.models.mae import mae_vit
+
+    images = _png_folder(tmp_path / "images", 12)
+    manifest = images / "manifest.csv"
+    manifest.write_text("path\n" + "".join(f"{i}.png\n" for i in range(12)))
+    sizes = {k.split(".")[1]: v for k, v in TINY.items() if k.startswith("model.")}
+    torch.save(mae_vit("tiny", **sizes, in_chans=1).state_dict(), tmp_path / "init.pt")
+    cfg = tiny_config(tmp_path / "run", data__source=str(images), data__backend="torch",
+                      data__workers=0, optim__steps=2, optim__batch_size=4,
+                      model__init_from=str(tmp_path / "init.pt"), output__figures=False,
+                      output__tensorboard=False)
+    summary = pretrain(cfg)
+    record = summary["provenance"]
+    assert json.loads((tmp_path / "run" / "provenance.json").read_text()) == record
+    assert record["config"] == cfg.to_dict() and record["seed"] == cfg.system.seed
+    assert record["device"] == "cpu" and record["versions"]["torch"] == torch.__version__
+    for name, path in (("init_checkpoint", tmp_path / "init.pt"), ("data_manifest", manifest)):
+        assert record["files"][name] == {"path": str(path), "bytes": path.stat().st_size,
+                                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    from usfmae_fast.models.checkpoint import read_file
+    _, metadata = read_file(tmp_path / "run" / "checkpoint.safetensors")
+    assert json.loads(metadata["provenance"]) == record
+    assert ckpt.load_training_state(ckpt.checkpoint_path(tmp_path / "run", 2))[
+        "provenance"] == record

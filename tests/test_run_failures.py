@@ -187,7 +187,9 @@ def test_non_finite_weights_are_never_written_as_a_checkpoint(images, tmp_path):
     ("model.num_heads=5", "model.embed_dim = 192 must be a multiple of model.num_heads = 5"),
     ("optim.lr=inf", "optim.lr must be > 0 (finite) or null, got inf"),
     ("optim.weight_decay=nan", "optim.weight_decay must be >= 0 (finite), got nan"),
-    ("data.rotate=-5", "data.rotate must be in [0, 180] degrees, got -5.0"),
+    ("data.rotate=-5", "data.rotate must be [r] with r in [0, 180] or [low, high] with -180 <= "
+                       "low <= high <= 180 degrees, got [-5.0]"),
+    ("data.crop_scale=1.5,2", "data.crop_scale must be [low, high] with 0 < low <= 1"),
     ("data.workers=-1", "data.workers must be >= 0 or null, got -1"),
     ("system.seed=-1", "system.seed must be in [0, 2**63), got -1"),
     ("system.compile_mode=fastest", "system.compile_mode must be one of"),

@@ -10,7 +10,9 @@
    cross-validation, the MAE-initialised ViT against the same ViT from scratch and DenseNet-169;
 4. **Score-CAM** of the best MAE-initialised fold model on the test set's lesion images, with the
    pointing game and the energy inside the lesion masks;
-5. **report**: ``report.md`` + ``report.json`` with every figure and number, path printed.
+5. **report**: ``report.md`` + ``report.json`` with every figure and number, path printed;
+   ``provenance.json`` (also ``report.json``'s ``demo_provenance``): commit, versions, command,
+   the demo config, the hashes of the label list and of the pretrained weights, seed, device.
 
 ``quick=True`` (``--quick``) runs the same pipeline at a size for CI (a few subjects per
 class, 2 folds, a few steps and epochs, 32 px).
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime.lock import output_lock
+from .runtime.provenance import provenance
 
 DEMO_SET = Path(__file__).resolve().parent / "demo_data" / "bmode_sim"
 LESION_CLASSES = ("cyst", "solid")
@@ -325,6 +328,10 @@ def _run_stages(cfg: DemoConfig) -> dict:
     meta_path = Path(cfg.labels).parent / "metadata.json"
     sim_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     report = build_report(finetune, ingest, sim_meta, pre_stats, pretrain, cam, seconds)
+    report["demo_provenance"] = provenance(
+        config=asdict(cfg), seed=cfg.seed, device=pretrain["provenance"]["device"],
+        files={"labels": labels, "pretrained_weights": pretrain["artefacts"]["weights"]})
+    (out / "provenance.json").write_text(json.dumps(report["demo_provenance"], indent=2))
     json_path, md_path = write_report(report, out)
     _say(cfg, f"report: {md_path.resolve()} (numbers: {json_path.resolve()})")
     return report

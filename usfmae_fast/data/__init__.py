@@ -7,6 +7,7 @@ package, and must not pay for torch (about 600 MB per process) that only the loa
 from ..runtime.lazy import lazy_exports
 
 LOADER_BACKENDS = ("auto", "dali", "torch")  # make_loader's backend: "auto" = DALI when it runs
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # the loaders' resize / rotation modes
 
 _WHERE = {"DicomFrameError": ".ingest.dicom_frames",
           "load_frames": ".ingest.dicom_frames", "read_gray_frames": ".ingest.dicom_frames",

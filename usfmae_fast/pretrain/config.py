@@ -23,7 +23,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..data import LOADER_BACKENDS
+from ..data import INTERPOLATIONS, LOADER_BACKENDS
 from ..runtime.config import (ConfigError, coerce, parse_override,  # noqa: F401 (re-exported)
                               set_value)
 from ..runtime.device import DEVICE_PATTERN
@@ -55,9 +55,17 @@ class DataConfig:
     source: str = ""                       # ingest folder, manifest, shards; "demo": pydicom-data
     backend: str = "auto"                  # make_loader backend: auto | dali | torch
     workers: int | None = None             # DALI threads / DataLoader processes
-    mean: float = 0.15                     # pixel normalisation of files ("demo" measures its own)
-    std: float = 0.20
-    rotate: float = 0.0                    # max random rotation, degrees
+    # pixel normalisation of files, one value or one per channel ("demo" measures its own)
+    mean: list[float] = field(default_factory=lambda: [0.15])
+    std: list[float] = field(default_factory=lambda: [0.20])
+    # training augmentation, in this order (data/load/torch_loader.py; DALI does the same):
+    resize: str | None = None              # squash to img_size x img_size first: nearest | ...
+    rotate: list[float] = field(default_factory=lambda: [0.0])  # degrees: [r] -> [-r, r]; [lo, hi]
+    rotate_interpolation: str = "bilinear"
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # area; high may be > 1
+    crop_interpolation: str = "bicubic"
+    hflip: float = 0.5                     # flip probabilities
+    vflip: float = 0.0
     heldout: int = 4                       # images kept out of training for the figure
     max_frames_per_file: int | None = 32   # "demo": frames taken from each cine loop
 
@@ -126,17 +134,54 @@ class PretrainConfig:
 SECTIONS = {name: hint for name, hint in typing.get_type_hints(PretrainConfig).items()
             if name != "preset"}
 
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
 CONFIG_PRESETS: dict[str, dict] = {
-    # fb/mae main_pretrain.py, ViT-B: effective batch 4096, 800 epochs, 40 of warmup
+    # fb/mae main_pretrain.py, ViT-B: effective batch 4096, 800 epochs, 40 of warmup, AdamW
+    # betas (0.9, 0.95), wd 0.05; augmentation RandomResizedCrop(scale (0.2, 1.0), bicubic) +
+    # horizontal flip, nothing else
     "mae": {"model": {"size": "base", "norm_pix_loss": True},
+            "data": {"resize": None, "rotate": [0.0], "crop_scale": [0.2, 1.0],
+                     "crop_interpolation": "bicubic", "hflip": 0.5, "vflip": 0.0},
             "optim": {"batch_size": 4096, "epochs": 800, "warmup_fraction": 0.05, "blr": 1.5e-4,
-                      "min_lr": 0.0, "clip_grad": None, "mask_ratio": 0.75},
+                      "min_lr": 0.0, "clip_grad": None, "mask_ratio": 0.75, "beta1": 0.9,
+                      "beta2": 0.95, "weight_decay": 0.05},
             "system": {"precision": "bf16"}},
-    # USF-MAE: continue an MAE checkpoint on ultrasound with the plain-pixel loss
-    "usfmae": {"model": {"size": "base", "norm_pix_loss": False},
-               "optim": {"batch_size": 128, "epochs": 100, "warmup_fraction": 0.1, "blr": 1.5e-4,
-                         "min_lr": 1e-5, "clip_grad": 1.0, "mask_ratio": 0.75},
-               "system": {"precision": "bf16"}},
+    # USF-MAE as its authors' code trains it (github.com/Yusufii9/USF-MAE: US_data_loading.py
+    # get_transforms, USF-MAE_pretraining.ipynb), continuing fb/mae's full ViT-B checkpoint
+    # (their notebook: mae_pretrain_vit_base_full.pth["model"] into
+    # models_mae.mae_vit_base_patch16_dec512d8b; set model.init_from, nothing downloads):
+    # - model: ViT-B/16, decoder 512 wide x 8 deep (dec512d8b, our default decoder), 224 px,
+    #   RGB input (PIL .convert("RGB"): gray replicated to 3 channels), plain-pixel loss
+    #   (norm_pix_loss=False, mae_vit_base_patch16_dec512d8b's default), mask ratio 0.75 (its
+    #   forward's default);
+    # - data: ImageNet mean / std (Normalize); Resize((224, 224), NEAREST) first;
+    #   RandomRotation((0, 90)) (torchvision's default NEAREST, fill 0, same canvas);
+    #   RandomHorizontalFlip(0.5), RandomVerticalFlip(0.5); RandomResizedCrop(224,
+    #   scale=(0.5, 2.0)) (default ratio 3/4-4/3, BILINEAR; an area above 1 never fits, see
+    #   data/load/torch_loader.py). Their order is resize, rotate, flips, crop; ours puts the
+    #   flips after the crop, the same distribution (the crop is mirror-symmetric);
+    # - optim: AdamW with torch's default betas (0.9, 0.999); DataLoader batch 64 for 100
+    #   epochs; lr = blr * 128 / 256 with blr 3e-4 (the first of their grid {3e-4, 1e-3} x
+    #   weight decay {0.01, 0.05}; the notebook keeps whichever validates best and does not say
+    #   which the released weights used), i.e. peak lr 1.5e-4 at batch 64, which is blr 6e-4 in
+    #   our blr * batch / 256 rule; weight decay 0.05; per-step linear warmup over
+    #   int(0.1 * total steps), then half-cosine to min_lr 1e-5; clip_grad_norm 1.0; bf16
+    #   autocast without a GradScaler; seed 42.
+    # Left different (stated in the README): our AdamW does not decay biases, norms, tokens
+    # (runtime/optim.param_groups; theirs decays all parameters); our warmup reaches
+    # peak * (s + 1) / w at step s, theirs peak * s / w; they train 5 KFold folds on 4/5 of the
+    # images each, we train on all but data.heldout.
+    "usfmae": {"model": {"size": "base", "img_size": 224, "in_chans": 3, "norm_pix_loss": False},
+               "data": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "nearest",
+                        "rotate": [0.0, 90.0], "rotate_interpolation": "nearest",
+                        "crop_scale": [0.5, 2.0], "crop_interpolation": "bilinear",
+                        "hflip": 0.5, "vflip": 0.5},
+               "optim": {"batch_size": 64, "epochs": 100, "warmup_fraction": 0.1, "blr": 6e-4,
+                         "min_lr": 1e-5, "clip_grad": 1.0, "mask_ratio": 0.75, "beta1": 0.9,
+                         "beta2": 0.999, "weight_decay": 0.05},
+               "system": {"precision": "bf16", "seed": 42}},
     # a tiny model that learns on the demo frames in minutes on a CPU
     "demo": {"model": {"size": "tiny", "img_size": 64, "patch_size": 8, "embed_dim": 192,
                        "depth": 4, "num_heads": 3, "decoder_embed_dim": 128, "decoder_depth": 2,
@@ -269,9 +314,27 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> PretrainConf
     # data.source may be unset here (a preset, a file still to be merged); build_data refuses it
     _range("data.backend", d.backend, d.backend in LOADER_BACKENDS, f"one of {LOADER_BACKENDS}")
     _range("data.workers", d.workers, d.workers is None or d.workers >= 0, ">= 0 or null")
-    _range("data.mean", d.mean, _finite(d.mean), "a finite number")
-    _range("data.std", d.std, _finite(d.std) and d.std > 0, "> 0 (finite)")
-    _range("data.rotate", d.rotate, 0 <= d.rotate <= 180, "in [0, 180] degrees")
+    counts = (1,) if m.in_chans == 1 else (1, m.in_chans)
+    _range("data.mean", d.mean, len(d.mean) in counts and all(map(_finite, d.mean)),
+           f"{' or '.join(map(str, counts))} finite number(s) (model.in_chans = {m.in_chans})")
+    _range("data.std", d.std, len(d.std) in counts and all(_finite(v) and v > 0 for v in d.std),
+           f"{' or '.join(map(str, counts))} number(s) > 0 (model.in_chans = {m.in_chans})")
+    _range("data.rotate", d.rotate, (len(d.rotate) == 1 and 0 <= d.rotate[0] <= 180) or (
+        len(d.rotate) == 2 and -180 <= d.rotate[0] <= d.rotate[1] <= 180),
+        "[r] with r in [0, 180] or [low, high] with -180 <= low <= high <= 180 degrees")
+    _range("data.resize", d.resize, d.resize is None or d.resize in INTERPOLATIONS,
+           f"one of {INTERPOLATIONS} or null")
+    for name in ("rotate_interpolation", "crop_interpolation"):
+        _range(f"data.{name}", getattr(d, name), getattr(d, name) in INTERPOLATIONS,
+               f"one of {INTERPOLATIONS}")
+    _range("data.crop_scale", d.crop_scale,
+           len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= 1
+           and d.crop_scale[0] <= d.crop_scale[1] < math.inf,
+           "[low, high] with 0 < low <= 1, low <= high (high > 1: torchvision's semantics, "
+           "see data/load/torch_loader.py)")
+    for name in ("hflip", "vflip"):
+        _range(f"data.{name}", getattr(d, name), 0 <= getattr(d, name) <= 1,
+               "a probability in [0, 1]")
     _range("data.heldout", d.heldout, d.heldout >= 0, ">= 0")
     _positive("data.max_frames_per_file", d.max_frames_per_file, optional=True)
 

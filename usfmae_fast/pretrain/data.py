@@ -31,8 +31,8 @@ DEMO = "demo"
 @dataclass
 class PretrainData:
     loader: object                       # set_epoch(epoch, start_batch), len(), (images, None)
-    mean: float
-    std: float
+    mean: float | list[float]            # one value (gray, or every channel alike) or per channel
+    std: float | list[float]
     heldout: torch.Tensor | None = None  # [n, C, S, S] normalised, on the CPU
     heldout_names: list[str] = field(default_factory=list)
     report: dict = field(default_factory=dict)
@@ -66,7 +66,7 @@ def _demo_data(cfg: DataConfig, loader_cfg) -> PretrainData:
     size = loader_cfg.img_size
     base = 2 * size  # pre-shrink once: crops are then cheap and still sharp at img_size
     train_set = GrayFrameDataset(train_frames, size, train=True, mean=mean, std=std,
-                                 seed=loader_cfg.seed, base_size=base)
+                                 seed=loader_cfg.seed, base_size=base, augment=augmentation(cfg))
     heldout, names = None, []
     if held:
         eval_set = GrayFrameDataset([frames[i] for i in held], size, train=False, mean=mean,
@@ -79,6 +79,19 @@ def _demo_data(cfg: DataConfig, loader_cfg) -> PretrainData:
                "train": len(train_frames), "heldout": len(held), "heldout_files": names,
                "skipped": report["skipped"], "base_size": base}
     return PretrainData(FrameLoader(train_set, loader_cfg), mean, std, heldout, names, summary)
+
+
+def _stat(values: list[float]) -> float | list[float]:
+    return float(values[0]) if len(values) == 1 else [float(v) for v in values]
+
+
+def augmentation(cfg: DataConfig) -> dict:
+    """The training augmentation in ``cfg`` as ``make_loader`` / ``train_transform``
+    keywords."""
+    rotate = cfg.rotate[0] if len(cfg.rotate) == 1 else tuple(cfg.rotate)
+    return dict(rotate=rotate, crop_scale=tuple(cfg.crop_scale), resize=cfg.resize,
+                rotate_interpolation=cfg.rotate_interpolation,
+                crop_interpolation=cfg.crop_interpolation, hflip=cfg.hflip, vflip=cfg.vflip)
 
 
 def _file_data(cfg: DataConfig, loader_cfg) -> PretrainData:
@@ -94,7 +107,7 @@ def _file_data(cfg: DataConfig, loader_cfg) -> PretrainData:
                          img_size=c.img_size, channels=c.channels, dtype=c.dtype,
                          device=c.device, seed=c.seed, rank=c.rank, world_size=c.world_size,
                          backend=cfg.backend, workers=cfg.workers, mean=cfg.mean, std=cfg.std,
-                         rotate=cfg.rotate)
+                         **augmentation(cfg))
     heldout, names = None, []
     if held:
         eval_loader = make_loader(images.subset(held), "eval", batch_size=len(held),
@@ -106,7 +119,7 @@ def _file_data(cfg: DataConfig, loader_cfg) -> PretrainData:
     summary = {"source": str(cfg.source), "images": len(images), "train": len(rest),
                "heldout": len(held), "heldout_files": names,
                "loader": getattr(loader, "backend", type(loader).__name__)}
-    return PretrainData(loader, float(cfg.mean), float(cfg.std), heldout, names, summary)
+    return PretrainData(loader, _stat(cfg.mean), _stat(cfg.std), heldout, names, summary)
 
 
 def build_data(cfg: DataConfig, *, img_size: int, channels: int, micro_batch: int, seed: int,

@@ -41,9 +41,11 @@ from .distributed import (DistContext, all_reduce_mean, broadcast_object,
 from .monitor import RunMonitor, format_summary, throughput_summary
 from ..runtime.optim import WarmupCosineLR, build_optimizer
 from ..runtime.precision import torch_dtype
+from ..runtime.provenance import provenance
 from ..runtime.seed import seed_everything
 
 FINAL_WEIGHTS = "checkpoint.safetensors"
+PROVENANCE = "provenance.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,6 +93,23 @@ def init_from_checkpoint(model, path, data_mean: float, data_std: float):
         return mck.load_state_dict(model, state, encoder_only="decoder_embed.weight" not in state)
     except ValueError as exc:  # not an MAE, or one that does not fit this model
         raise mck.CheckpointError(f"model.init_from {str(path)!r}: {exc}") from exc
+
+
+def data_manifest(source: str) -> Path | None:
+    """The file listing a run's images, when ``data.source`` has one: the CSV itself, or the
+    ``manifest.csv`` of an ingest folder (None for shards, plain folders and "demo")."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".csv":
+        return path
+    return path / "manifest.csv" if (path / "manifest.csv").is_file() else None
+
+
+def run_provenance(cfg: PretrainConfig, device) -> dict:
+    """:func:`~usfmae_fast.runtime.provenance.provenance` of a pretraining run: its config,
+    seed and device, the hashes of the init checkpoint and of the data manifest."""
+    return provenance(config=cfg.to_dict(), seed=cfg.system.seed, device=str(device),
+                      files={"init_checkpoint": cfg.model.init_from,
+                             "data_manifest": data_manifest(cfg.data.source)})
 
 
 def _with_ops_backend(method):
@@ -156,6 +175,7 @@ class PretrainEngine:
                                   total_steps=self.total_steps, start_step=self.state.step,
                                   tensorboard=cfg.output.tensorboard, progress=cfg.output.progress)
         self.step_seconds: list[float] = []
+        self.provenance: dict | None = None  # rank 0, from the start of run()
 
     # -- resume ------------------------------------------------------------------------------
     def _resume(self) -> str | None:
@@ -292,7 +312,8 @@ class PretrainEngine:
             payload = {"train_state": asdict(self.state), "model": model_state,
                        "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                        "scaler": self.scaler.state_dict(), "rng": rngs,
-                       "config": self.cfg.to_dict(), "model_config": self.model.config}
+                       "config": self.cfg.to_dict(), "model_config": self.model.config,
+                       "provenance": self.provenance}
             path = str(ckpt.save_checkpoint(self.out_dir, self.state.step, payload,
                                             self.cfg.output.keep_last, keep=self.good_checkpoint))
         path = broadcast_object(path, self.ctx)  # also waits for rank 0's write
@@ -306,6 +327,8 @@ class PretrainEngine:
         cfg, mon = self.cfg, self.monitor
         if self.ctx.is_main:
             dump_yaml(cfg, self.out_dir / "config.yaml")
+            self.provenance = run_provenance(cfg, self.device)
+            (self.out_dir / PROVENANCE).write_text(json.dumps(self.provenance, indent=2))
         start_step = self.state.step
         mon.note(f"pretrain: {self.total_steps} steps of {cfg.optim.batch_size} images "
                  f"({self.ctx.world_size} process(es) x {self.micro_batch} x "
@@ -353,8 +376,10 @@ class PretrainEngine:
 
         out, history, arte = self.out_dir, self.monitor.history, {}
         arte["weights"] = str(save_safetensors(model, out / FINAL_WEIGHTS, metadata={
-            "train_config": json.dumps(self.cfg.to_dict())}))
+            "train_config": json.dumps(self.cfg.to_dict()),
+            "provenance": json.dumps(self.provenance)}))
         arte["history"], arte["config"] = str(out / "history.csv"), str(out / "config.yaml")
+        arte["provenance"] = str(out / PROVENANCE)
         recon = None
         if self.cfg.output.figures and history:
             arte["loss_curve"] = str(plot_loss_curve(history, out / "loss_curve.png"))
@@ -381,7 +406,8 @@ class PretrainEngine:
             "train_seconds": self.state.seconds, "throughput": throughput,
             "data": self.data.report, "data_mean": self.data.mean, "data_std": self.data.std,
             "model_config": self.model.config,
-            "config": self.cfg.to_dict(), "notes": self.monitor.notes, "artefacts": arte}
+            "config": self.cfg.to_dict(), "notes": self.monitor.notes, "artefacts": arte,
+            "provenance": self.provenance}
         arte["summary"] = str(out / "summary.json")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if throughput and self.cfg.output.progress:

@@ -91,7 +91,7 @@ def _gray_rgb(img: torch.Tensor) -> np.ndarray:
     return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
 
 
-def plot_reconstructions(model, imgs: torch.Tensor, path, mean: float, std: float,
+def plot_reconstructions(model, imgs: torch.Tensor, path, mean, std,
                          mask_ratio: float = 0.75, seed: int = 0,
                          titles: Sequence[str] | None = None) -> dict:
     """The fb/mae demo figure for a few (held-out) normalised images ``[N, C, H, W]``.
@@ -101,6 +101,8 @@ def plot_reconstructions(model, imgs: torch.Tensor, path, mean: float, std: floa
     """
     plt = pyplot()
     out = reconstruct(model, imgs, mask_ratio, seed)
+    mean, std = (torch.as_tensor(v, dtype=imgs.dtype, device=imgs.device).reshape(1, -1, 1, 1)
+                 for v in (mean, std))  # one value or one per channel
     to_unit = lambda x: (x * std + mean).clamp(0, 1)  # noqa: E731 - one-line un-normalisation
     original, recon, pasted = to_unit(imgs), to_unit(out["recon"]), to_unit(out["pasted"])
     mask = out["mask"]

@@ -50,6 +50,8 @@ def coerce(value, hint, name: str):
     if origin in (list, tuple):
         items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) \
             else value
+        if isinstance(items, (int, float)) and not isinstance(items, bool):
+            items = [items]  # YAML "mean: 0.15" for a list field: one value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         item_hint = (typing.get_args(base) or (str,))[0]

@@ -21,10 +21,12 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).resolve().parents[1]  # the usfmae_fast package folder
 CHUNK = 1 << 20
 GIT_TIMEOUT_S = 5.0
-# versions[key] <- the distribution whose version it is
-DISTRIBUTIONS = {"python": None, "torch": "torch", "torchvision": "torchvision", "timm": "timm",
-                 "numpy": "numpy", "scikit-learn": "scikit-learn", "usfmae_fast": "usfmae_fast",
-                 "triton": "triton"}
+# versions[key] <- (distribution, module): the imported module's __version__ when it is loaded
+# (torch's names its build, e.g. "2.14.1+cu130"), else the installed distribution's
+DISTRIBUTIONS = {"python": (None, None), "torch": ("torch", "torch"),
+                 "torchvision": ("torchvision", "torchvision"), "timm": ("timm", "timm"),
+                 "numpy": ("numpy", "numpy"), "scikit-learn": ("scikit-learn", "sklearn"),
+                 "usfmae_fast": ("usfmae_fast", "usfmae_fast"), "triton": ("triton", "triton")}
 
 
 def sha256_file(path) -> str:
@@ -67,9 +69,12 @@ def git_state() -> tuple[str | None, bool | None]:
     return commit.strip(), (None if status is None else status.strip() != "")
 
 
-def _version(distribution: str | None) -> str | None:
+def _version(distribution: str | None, module: str | None) -> str | None:
     if distribution is None:
         return platform.python_version()
+    loaded = getattr(sys.modules.get(module), "__version__", None)
+    if loaded is not None:
+        return str(loaded)
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
@@ -81,7 +86,7 @@ def _version(distribution: str | None) -> str | None:
 
 def versions() -> dict:
     """Python, the libraries a result depends on (None when absent) and torch's CUDA."""
-    found = {key: _version(dist) for key, dist in DISTRIBUTIONS.items()}
+    found = {key: _version(*names) for key, names in DISTRIBUTIONS.items()}
     try:
         import torch
         found["cuda"] = torch.version.cuda

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .. import INTERPOLATIONS
 from .image_files import ImageList, epoch_batches
 
 if TYPE_CHECKING:
@@ -26,6 +27,14 @@ KINDS = ("pretrain", "train", "eval")
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
 Stat = float | Sequence[float]
+
+
+def angle_range(rotate: float | Sequence[float]) -> tuple[float, float]:
+    """A rotation setting as ``(low, high)`` degrees: ``r`` means ``(-r, r)``."""
+    if isinstance(rotate, (int, float)):
+        return -float(rotate), float(rotate)
+    low, high = (float(v) for v in rotate)
+    return low, high
 
 
 def _as_list(value: Stat) -> list[float]:
@@ -70,8 +79,14 @@ class LoaderConfig:
     world_size: int = 1
     mean: Stat = US_MEAN
     std: Stat = US_STD
-    rotate: float = 0.0           # max random rotation in degrees (training kinds)
-    crop_scale: tuple[float, float] = SCALE  # random crop area range (training kinds)
+    # training kinds, in this order: [resize] -> [rotate] -> random resized crop -> flips
+    resize: str | None = None     # squash to img_size x img_size first, with this interpolation
+    rotate: float | tuple[float, float] = 0.0  # degrees: r -> uniform in [-r, r]; (lo, hi)
+    rotate_interpolation: str = "bilinear"
+    crop_scale: tuple[float, float] = SCALE  # crop area / image area; high may exceed 1 (below)
+    crop_interpolation: str = "bicubic"
+    hflip: float = 0.5            # probability of a horizontal flip
+    vflip: float = 0.0            # probability of a vertical flip
     workers: int = 0              # DataLoader workers / DALI CPU threads
 
     def __post_init__(self):
@@ -79,12 +94,25 @@ class LoaderConfig:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if self.img_size <= 0 or self.batch_size <= 0 or self.rotate < 0:
-            raise ValueError("img_size and batch_size must be positive and rotate >= 0")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got "
+        if self.img_size <= 0 or self.batch_size <= 0:
+            raise ValueError("img_size and batch_size must be positive")
+        low, high = self.rotate = angle_range(self.rotate)
+        if not -180 <= low <= high <= 180:
+            raise ValueError(f"rotate must be r in [0, 180] or (low, high) with -180 <= low <= "
+                             f"high <= 180 degrees, got {self.rotate}")
+        lo, hi = self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        if not (0 < lo <= 1 and lo <= hi):  # high > 1: torchvision's semantics (torch_loader)
+            raise ValueError(f"crop_scale must satisfy 0 < low <= 1 and low <= high, got "
                              f"{self.crop_scale}")
+        for name in ("resize", "rotate_interpolation", "crop_interpolation"):
+            value = getattr(self, name)
+            if value not in INTERPOLATIONS and not (name == "resize" and value is None):
+                raise ValueError(f"{name} must be one of {INTERPOLATIONS}"
+                                 f"{' or None' if name == 'resize' else ''}, got {value!r}")
+        for name in ("hflip", "vflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got "
+                                 f"{getattr(self, name)}")
         self.device = torch.device(self.device)
         self.mean = channel_values(self.mean, self.channels)
         self.std = channel_values(self.std, self.channels)

@@ -6,10 +6,13 @@ without one the pipeline is built with ``device_id=None`` and runs on the CPU. T
 plan, sharding, labels, augmentation and normalisation are those of
 :class:`~usfmae_fast.data.load.torch_loader.TorchImageLoader`:
 
-- pretrain / train: ``decoders.image_random_crop`` (area ``crop_scale``, default 0.2-1, aspect 3/4-4/3) -> resize to
-  S x S (cubic, antialiased) -> optional rotation -> ``crop_mirror_normalize`` with a random
-  horizontal flip (after the rotation, which in distribution is the same: the angles are
-  symmetric);
+- pretrain / train: ``decoders.image_random_crop`` (area ``crop_scale``, default 0.2-1,
+  aspect 3/4-4/3; torchvision's rejection sampling and whole-image fallback, also for an area
+  above 1) -> resize to S x S (``crop_interpolation``, antialiased) -> ``crop_mirror_normalize``
+  with a random horizontal flip. With ``resize`` or a rotation the crop cannot be fused into the
+  decoder: ``decoders.image`` -> resize to S x S (``resize``) -> rotation (``fn.rotate``,
+  counter-clockwise for a positive angle, as torchvision) -> ``random_resized_crop`` (same sampling)
+  -> optional vertical flip (``fn.flip``) -> ``crop_mirror_normalize``;
 - eval: ``decoders.image`` -> short side to S -> centre crop S x S -> normalise.
 
 Output: CHW, float16 from DALI for half dtypes (float32 otherwise), cast to ``cfg.dtype`` on
@@ -36,6 +39,8 @@ import torch
 
 from .image_files import ImageList, read_bytes, warn_bad
 from .base import RATIO, EpochLoader, LoaderConfig, decode_image
+
+_INTERP = {"nearest": "INTERP_NN", "bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
 
 _DECODER_OPERATOR = "fn.decoders."  # how DALI names the operator in a decoding error
 
@@ -213,16 +218,8 @@ class DaliImageLoader(EpochLoader):
             encoded = fn.external_source(source=_WeakFeed(self), batch=True,
                                          dtype=types.UINT8, ndim=1)
             if cfg.train:
-                images = fn.decoders.image_random_crop(
-                    encoded, device=decoder, output_type=color, random_area=list(cfg.crop_scale),
-                    random_aspect_ratio=list(RATIO), num_attempts=10)
-                images = fn.resize(images, resize_x=size, resize_y=size,
-                                   interp_type=types.INTERP_CUBIC, antialias=True)
-                if cfg.rotate > 0:
-                    angle = fn.random.uniform(range=(-cfg.rotate, cfg.rotate))
-                    images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0,
-                                       interp_type=types.INTERP_LINEAR)
-                mirror = fn.random.coin_flip(probability=0.5)
+                images = _augment(fn, types, cfg, encoded, decoder, color)
+                mirror = fn.random.coin_flip(probability=cfg.hflip)
             else:
                 images = fn.decoders.image(encoded, device=decoder, output_type=color)
                 images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_CUBIC,
@@ -245,6 +242,37 @@ class DaliImageLoader(EpochLoader):
     def __del__(self):
         if getattr(self, "_pool", None) is not None:
             self.close()
+
+
+def _augment(fn, types, cfg: LoaderConfig, encoded, decoder: str, color):
+    """Decoded, geometrically augmented ``HWC`` images of S x S (all but the horizontal flip,
+    which ``crop_mirror_normalize`` does), in the torch loader's order."""
+    size, low_high = cfg.img_size, cfg.rotate
+    crop = dict(random_area=list(cfg.crop_scale), random_aspect_ratio=list(RATIO),
+                num_attempts=10)
+    crop_interp = getattr(types, _INTERP[cfg.crop_interpolation])
+    if cfg.resize is None and low_high == (0, 0):  # the fast path: crop while decoding
+        images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=color,
+                                               **crop)
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=crop_interp,
+                           antialias=True)
+    else:
+        images = fn.decoders.image(encoded, device=decoder, output_type=color)
+        if cfg.resize is not None:
+            images = fn.resize(images, resize_x=size, resize_y=size,
+                               interp_type=getattr(types, _INTERP[cfg.resize]),
+                               antialias=cfg.resize != "nearest")
+        if low_high != (0, 0):  # a positive angle turns counter-clockwise, as torchvision's
+            low, high = low_high
+            angle = low if low == high else fn.random.uniform(range=(low, high))
+            images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0,
+                               interp_type=getattr(types, _INTERP[cfg.rotate_interpolation]))
+        images = fn.random_resized_crop(images, size=(size, size), interp_type=crop_interp,
+                                        antialias=True, **crop)
+    if cfg.vflip > 0:
+        images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip(
+            probability=cfg.vflip))
+    return images
 
 
 def _read(records, indices: list[int]):

@@ -44,8 +44,8 @@ def make_loader(source, kind: str = "pretrain", *, batch_size: int = 64, img_siz
                 device: str | torch.device | None = None, seed: int = 0,
                 rank: int | None = None, world_size: int | None = None, labels=None,
                 backend: str = "auto", workers: int | None = None, mean: Stat = US_MEAN,
-                std: Stat = US_STD, rotate: float = 0.0, crop_scale=SCALE,
-                check: str = "header") -> EpochLoader:
+                std: Stat = US_STD, rotate: float | tuple[float, float] = 0.0, crop_scale=SCALE,
+                check: str = "header", **augment) -> EpochLoader:
     """An iterable of ``(images [B, channels, img_size, img_size] on device in dtype,
     labels [B] int64 | None)``; each pass over it is the next epoch (``set_epoch`` to choose).
 
@@ -56,6 +56,9 @@ def make_loader(source, kind: str = "pretrain", *, batch_size: int = 64, img_siz
     ``rank`` / ``world_size`` default to torch.distributed's; each rank gets its own shard.
     ``workers``: DALI threads or DataLoader processes (default: up to 8, one per core).
     ``check``: ``"header"``, ``"full"`` or ``"none"``, how files are checked up front.
+    ``rotate``, ``crop_scale`` and ``augment`` (``resize``, ``rotate_interpolation``,
+    ``crop_interpolation``, ``hflip``, ``vflip``): the training augmentation, see
+    :class:`~.base.LoaderConfig`.
     """
     images = load_image_list(source, labels=labels, check=check)
     device = resolve_device(device)
@@ -65,6 +68,7 @@ def make_loader(source, kind: str = "pretrain", *, batch_size: int = 64, img_siz
                        rank=default_rank if rank is None else rank,
                        world_size=default_world if world_size is None else world_size,
                        mean=mean, std=std, rotate=rotate, crop_scale=tuple(crop_scale),
+                       **augment,
                        workers=max(1, min(8, os.cpu_count() or 1)) if workers is None else workers)
     if resolve_backend(backend, device) == "dali":
         try:

@@ -1,10 +1,22 @@
-"""PyTorch datasets and loader with fb/mae's pretraining augmentation.
+"""PyTorch datasets and loader with fb/mae's pretraining augmentation (or USF-MAE's).
 
-Train: RandomResizedCrop (scale ``crop_scale``, default 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as fb/mae
-``main_pretrain.py`` (+ an optional random rotation); eval: resize the short side + center crop.
-Both give float32 ``[C, H, W]`` tensors, scaled to [0, 1] and then normalised with
+Train, in this order (each optional step off by default, which is fb/mae ``main_pretrain.py``):
+``resize`` (squash to S x S, as USF-MAE's ``Resize((224, 224), NEAREST)``) -> random rotation by
+a uniform angle in ``rotate`` degrees (black fill, same canvas) -> RandomResizedCrop (area
+``crop_scale``, default 0.2-1, ratio 3/4-4/3, ``crop_interpolation`` default bicubic) ->
+horizontal flip (``hflip``, 0.5) -> vertical flip (``vflip``). Eval: resize the short side +
+center crop. Both give float32 ``[C, H, W]`` tensors, scaled to [0, 1] and then normalised with
 ``(x - mean) / std``. Augmentation is seeded per (seed, epoch, index), so a run is reproducible
 whatever the order or the worker that loads an item.
+
+``crop_scale`` above 1 (USF-MAE's ``scale=(0.5, 2.0)``) keeps torchvision's semantics, which
+the DALI loader shares (``decoders.image_random_crop`` / ``random_resized_crop`` run the same
+rejection sampling): up to 10 draws of an area fraction in ``crop_scale`` and an aspect ratio;
+the first crop that fits inside the image is taken; when none fits, the whole image (its aspect
+ratio clamped to 3/4-4/3, centred). A draw above 1 never fits, so ``(0.5, 2.0)`` gives areas in
+[0.5, 1] and, when all 10 draws fail, the whole image: 5.5 % of crops of a square image (as
+after ``resize``), 14 % of a 4:3 one (torchvision's ``get_params``; DALI measured the same). A
+low bound above 1 (always the whole image) is refused: DALI fails on a square image there.
 
 :class:`GrayFrameDataset` serves in-memory DICOM frames; :class:`TorchImageLoader` reads image
 files (PIL decode in DataLoader workers) and is both the reference for the DALI loader
@@ -21,21 +33,35 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from .base import (RATIO, SCALE, US_MEAN, US_STD, EpochLoader, LoaderConfig, Stat, _as_list,
-                   decode_image)
+                   angle_range, decode_image)
 from .image_files import ImageList, ImageRecord, read_bytes, warn_bad
 
 
 
+MODES = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+         "bicubic": InterpolationMode.BICUBIC}
+
+
 def train_transform(img_size: int, mean: Stat = US_MEAN, std: Stat = US_STD,
-                    scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
-                    hflip: float = 0.5, rotate: float = 0.0) -> v2.Compose:
-    """fb/mae pretraining augmentation for ``uint8 [C, H, W]`` tensors; ``rotate`` > 0 adds a
-    rotation by a uniform angle in [-rotate, rotate] degrees (black fill, same canvas)."""
-    steps = [v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio,
-                                  interpolation=InterpolationMode.BICUBIC, antialias=True),
-             v2.RandomHorizontalFlip(hflip)]
-    if rotate > 0:
-        steps.append(v2.RandomRotation(rotate, interpolation=InterpolationMode.BILINEAR, fill=0))
+                    crop_scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
+                    hflip: float = 0.5, rotate: float | tuple[float, float] = 0.0,
+                    vflip: float = 0.0, resize: str | None = None,
+                    rotate_interpolation: str = "bilinear",
+                    crop_interpolation: str = "bicubic") -> v2.Compose:
+    """The training augmentation of the module docstring for ``uint8 [C, H, W]`` tensors."""
+    steps = []
+    if resize is not None:
+        steps.append(v2.Resize((img_size, img_size), interpolation=MODES[resize],
+                               antialias=resize != "nearest"))
+    low, high = angle_range(rotate)
+    if (low, high) != (0, 0):
+        steps.append(v2.RandomRotation((low, high), interpolation=MODES[rotate_interpolation],
+                                       fill=0))
+    steps.append(v2.RandomResizedCrop(img_size, scale=crop_scale, ratio=ratio,
+                                      interpolation=MODES[crop_interpolation], antialias=True))
+    steps.append(v2.RandomHorizontalFlip(hflip))
+    if vflip > 0:
+        steps.append(v2.RandomVerticalFlip(vflip))
     return v2.Compose(steps + [_to_normalised(mean, std)])
 
 
@@ -90,7 +116,8 @@ def _as_tensor(frame: np.ndarray) -> torch.Tensor:
 class GrayFrameDataset(Dataset):
     """Grayscale ``uint8 [H, W]`` frames -> normalised ``float32 [1, S, S]`` tensors.
 
-    ``train=True`` applies the seeded MAE augmentation (call :meth:`set_epoch` each epoch),
+    ``train=True`` applies the seeded MAE augmentation (call :meth:`set_epoch` each epoch;
+    ``augment``: :func:`train_transform` keywords, fb/mae's when not given),
     ``train=False`` the deterministic eval transform. ``base_size`` first shrinks every frame
     once so its short side is at most that many pixels (e.g. 2 x ``img_size``): the output is
     hardly different and the per-item crop + resize becomes much cheaper than on 800 x 600
@@ -101,7 +128,7 @@ class GrayFrameDataset(Dataset):
 
     def __init__(self, frames: Sequence[np.ndarray], img_size: int, train: bool = True,
                  mean: float = US_MEAN, std: float = US_STD, seed: int = 0,
-                 base_size: int | None = None):
+                 base_size: int | None = None, augment: dict | None = None):
         if len(frames) == 0:
             raise ValueError("GrayFrameDataset needs at least one frame")
         if img_size <= 0:
@@ -109,7 +136,8 @@ class GrayFrameDataset(Dataset):
         self.frames = [self._shrink(_as_tensor(f), base_size) for f in frames]
         self.img_size, self.train, self.mean, self.std = img_size, train, mean, std
         self.seed, self.epoch = int(seed), 0
-        self.transform = (train_transform if train else eval_transform)(img_size, mean, std)
+        self.transform = (train_transform(img_size, mean, std, **(augment or {})) if train
+                          else eval_transform(img_size, mean, std))
 
     @staticmethod
     def _shrink(frame: torch.Tensor, base_size: int | None) -> torch.Tensor:
@@ -194,8 +222,11 @@ class TorchImageLoader(EpochLoader):
 
     def __init__(self, images: ImageList, cfg: LoaderConfig):
         super().__init__(images, cfg)
-        transform = (train_transform(cfg.img_size, cfg.mean, cfg.std, scale=cfg.crop_scale,
-                                     rotate=cfg.rotate)
+        transform = (train_transform(cfg.img_size, cfg.mean, cfg.std, crop_scale=cfg.crop_scale,
+                                     hflip=cfg.hflip, rotate=cfg.rotate, vflip=cfg.vflip,
+                                     resize=cfg.resize,
+                                     rotate_interpolation=cfg.rotate_interpolation,
+                                     crop_interpolation=cfg.crop_interpolation)
                      if cfg.train else eval_transform(cfg.img_size, cfg.mean, cfg.std))
         self._sampler = _PlanSampler(cfg, len(images))
         self._loader = DataLoader(
