@@ -33,8 +33,9 @@ keeps the pretrained ``norm`` (``fc_norm=False``): its frozen encoder could not 
 one, and the probe's batch norm normalises the feature anyway. ``"token"`` uses the cls token.
 
 Normalisation: the pretraining run's ``data_mean`` / ``data_std`` when the checkpoint records
-them (``summary.json`` beside it, or its ``train_config`` metadata), else ``US_MEAN`` /
-``US_STD``; a baseline with a weights file uses its own ``pretrained_cfg`` mean / std
+them (``summary.json`` beside it, or its ``train_config`` metadata); else, for RGB input from
+an RGB checkpoint (fb/mae, the USF-MAE release), ImageNet's, which those were pretrained with;
+else ``US_MEAN`` / ``US_STD``; a baseline with a weights file uses its own ``pretrained_cfg`` mean / std
 (averaged over RGB for gray input). They are stored in the fine-tuned checkpoint.
 """
 from __future__ import annotations
@@ -181,6 +182,12 @@ def build_classifier(spec: ModelSpec, num_classes: int, *, img_size: int = 224,
             if mean is None and (stats := pretraining_stats(spec.init or spec.like)):
                 mean, std = (_rgb_to(v, in_chans) for v in stats)
                 notes.append(f"normalisation of the pretraining data: mean {mean}, std {std}")
+            elif mean is None and in_chans == 3 and config.get("in_chans") == 3:
+                # an RGB checkpoint that records nothing (fb/mae .pth, the USF-MAE release)
+                # was pretrained on ImageNet-normalised input: feed RGB data the same way
+                mean, std = list(mck.IMAGENET_MEAN), list(mck.IMAGENET_STD)
+                notes.append("normalisation: ImageNet mean / std (the RGB checkpoint records "
+                             "none; fb/mae and the USF-MAE release used ImageNet's)")
         elif vit_size in PRESETS:
             config = dict(PRESETS[vit_size])
         else:
