@@ -53,6 +53,11 @@ def test_finetune_quick_run_reports(finetuned, capsys):
     (["--models", "usfmae"], "init: model 'usfmae' starts from a pretrained MAE"),
     (["--weights", "densenet169"], "weights: 'densenet169' is not NAME=PATH"),
     (["--layer-decay", "2"], "layer_decay: 2.0 is out of range"),
+    (["--positive", "cyst"], "positive: 'cyst' is only for binary tasks"),
+    (["--selection", "inner"], "selection: fold 0's training part cannot spare"),
+    (["--target-sensitivity", "0.9"], "target_sensitivity: give it"),
+    (["--threshold", "sensitivity", "--target-sensitivity", "1.5"],
+     "target_sensitivity: must lie in (0, 1]"),
 ])
 def test_bad_input_exits_2_before_training(tmp_path, labels, capsys, extra, message):
     out = tmp_path / "out"
@@ -61,6 +66,19 @@ def test_bad_input_exits_2_before_training(tmp_path, labels, capsys, extra, mess
     err = capsys.readouterr().err
     assert err.startswith("usfmae-fast finetune: ") and message in err
     assert not out.exists()
+
+
+def test_statistics_flags_reach_the_config(labels):
+    from usfmae_fast.cli import build_parser
+    from usfmae_fast.cli.finetune import config_from_args
+
+    args = build_parser().parse_args([
+        "finetune", "--labels", str(labels), "--positive", "solid", "--selection", "fixed",
+        "--inner-size", "0.25", "--threshold", "sensitivity", "--target-sensitivity", "0.9",
+        "--temperature"])
+    cfg = config_from_args(args)
+    assert (cfg.positive, cfg.selection, cfg.inner_size, cfg.threshold, cfg.target_sensitivity,
+            cfg.temperature) == ("solid", "fixed", 0.25, "sensitivity", 0.9, True)
 
 
 def test_missing_image_exits_2(tmp_path, labels, capsys):

@@ -339,3 +339,25 @@ def test_inner_split_too_small_says_what_to_do(tmp_path, labels, no_training):
     with pytest.raises(SplitError, match="selection: fold 0's training part .*selection=fixed"):
         run_protocol(quick_config(labels, tmp_path / "o", models=["test_resnet"],
                                   selection="inner"))
+
+
+def test_evaluate_applies_the_runs_operating_rules(binary, tmp_path):
+    """``evaluate --rules`` on the fold checkpoints and the test labels reproduces the run's
+    test-set operating point; without rules it uses the most probable class."""
+    root, _, report = binary
+    name = "test_resnet"
+    ckpts = [root / "run" / name / f"fold{k}" / "best.safetensors" for k in range(2)]
+    rules = protocol.read_rules(root / "run" / name / "operating_rules.json")
+    evaluated = evaluate_checkpoints(ckpts, root / "test" / "labels.csv", tmp_path / "e",
+                                     n_boot=50, rules=rules)
+    got = evaluated["models"]["model"]["test"]["assessment"]
+    expected = report["models"][name]["test"]["assessment"]
+    assert got["rules"] == expected["rules"]
+    for key in ("tp", "fp", "tn", "fn", "threshold"):
+        assert got["operating_point"][key] == expected["operating_point"][key]
+    assert evaluated["task"]["positive"] == "cyst"
+    assert "checkpoint0" in evaluated["provenance"]["files"]
+    plain = evaluate_checkpoints(ckpts, root / "test" / "labels.csv", tmp_path / "p", n_boot=20)
+    assert plain["models"]["model"]["test"]["assessment"]["rules"]["threshold"] == 0.5
+    with pytest.raises(ValueError, match="rules: .*not an operating_rules.json"):
+        protocol.read_rules(root / "test" / "labels.csv")

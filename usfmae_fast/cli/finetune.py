@@ -112,6 +112,12 @@ def _finetune(args: argparse.Namespace) -> int:
             line += (f"   test AUC (ensemble) {_num(model['test']['ensemble']['auc'])} "
                      f"[{_num(ci[0])}, {_num(ci[1])}]")
         print(line)
+    for pair in (report.get("comparisons") or {}).get("pairs", []):
+        if "difference" in pair:
+            low, high = pair["ci"]
+            print(f"{pair['a']} - {pair['b']}: AUC difference {_num(pair['difference'])} "
+                  f"[{_num(low)}, {_num(high)}], DeLong p {_num(pair['p_delong'])}, McNemar p "
+                  f"{_num(pair['mcnemar']['p_value'])}")
     print(f"report: {cfg.out_dir}/report.md, {cfg.out_dir}/report.json")
     return 0
 
