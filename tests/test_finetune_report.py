@@ -136,7 +136,8 @@ def test_every_number_in_the_markdown_is_a_json_value_written_by_fmt(written):
 
 def test_each_table_row_holds_the_values_it_names(written):
     _, json_path, md_path = written
-    report, tables = json.loads(json_path.read_text()), parse_report_numbers(md_path.read_text())
+    md_text = md_path.read_text()
+    report, tables = json.loads(json_path.read_text()), parse_report_numbers(md_text)
     task = report["task"]
     assert tables["Task"]["images"] == [fmt(task["n_images"])]
     assert tables["Task"]["patients"] == ["n/a"]
@@ -186,6 +187,8 @@ def test_each_table_row_holds_the_values_it_names(written):
         else:
             assert "operating_point" not in assessment
     pair = report["comparisons"]["pairs"][0]
+    from usfmae_fast.finetune.claims import difference_sentence
+    assert difference_sentence(pair["a"], pair["b"], "test AUC", pair["ci"]) in md_text
     assert tables["Paired comparisons"]["usfmae_vit vs densenet169"] == [
         fmt(pair["auc_a"]), fmt(pair["auc_b"]), fmt(pair["difference"]), *map(fmt, pair["ci"]),
         fmt(pair["p_delong"]), fmt(pair["accuracy_a"]), fmt(pair["accuracy_b"]),

@@ -22,6 +22,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 from ..runtime.files import atomic_write
 from ..runtime.figures import pyplot, save_figure
 from ..runtime.provenance import provenance_markdown
+from .claims import difference_sentence
 from .metrics import checked_scores
 
 METRIC_LABELS = {"auc": "AUC", "auc_weighted": "AUC (weighted)", "f1": "F1",
@@ -177,7 +178,10 @@ def _pair_lines(comparisons: dict | None) -> list[str]:
             "out of fold for binary tasks, the most probable class otherwise). The p-values "
             "are not adjusted for the number of pairs (see `n_pairs` in report.json); an "
             "interval that contains zero means the data cannot tell the two models apart.")
-    return ["## Paired comparisons", "", text, "", *_table(header, rows),
+    what = "test AUC" if "test" in comparisons["on"] else "out-of-fold AUC"
+    claims = [f"- {difference_sentence(p['a'], p['b'], what, p.get('ci'))}"
+              for p in comparisons["pairs"]]
+    return ["## Paired comparisons", "", text, "", *_table(header, rows), *claims, "",
             *[f"- not computed: {line}" for line in skipped], *([""] if skipped else [])]
 
 
