@@ -361,3 +361,21 @@ def test_evaluate_applies_the_runs_operating_rules(binary, tmp_path):
     assert plain["models"]["model"]["test"]["assessment"]["rules"]["threshold"] == 0.5
     with pytest.raises(ValueError, match="rules: .*not an operating_rules.json"):
         protocol.read_rules(root / "test" / "labels.csv")
+
+
+def test_lr_grid_keeps_each_folds_best_inner_split_model(tmp_path):
+    dev, _ = binary_sets(tmp_path)
+    cfg = quick_config(dev, tmp_path / "run", models=["test_resnet"], positive="cyst",
+                       selection="inner", inner_size=0.34, test_size=0.2, n_boot=20,
+                       lr_grid=[1e-4, 3e-2], train=dict(epochs=1))
+    report = run_protocol(cfg)
+    for k, fold in enumerate(report["models"]["test_resnet"]["config"]["folds"]):
+        scores = fold["lr_grid"]
+        assert set(scores) == {"0.0001", "0.03"}
+        chosen = f"{fold['peak_lr']:g}"
+        assert scores[chosen] == max(scores.values())  # ties: the lower inner-split loss
+        folder = tmp_path / "run" / "test_resnet" / f"fold{k}"
+        assert (folder / "best.safetensors").read_bytes() == \
+            (folder / f"lr_{chosen}" / "best.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="lr_grid: .*selection=inner"):
+        quick_config(dev, tmp_path / "x", lr_grid=[1e-3]).validate()

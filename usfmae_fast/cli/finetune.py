@@ -57,6 +57,15 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"lr_grid: {text!r} is not a comma-separated list of numbers") from exc
+
+
 def _weights(items: list[str]) -> dict[str, str]:
     pairs = {}
     for item in items:
@@ -86,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
         classes=_names(args.classes), positive=args.positive, test_labels=args.test_labels,
         folds=args.folds, test_size=args.test_size, seed=args.seed, n_boot=args.n_boot,
         check=args.check, allow_outside_root=args.allow_outside_root or None, title=args.title,
-        selection=args.selection, inner_size=args.inner_size, threshold=args.threshold,
+        selection=args.selection, inner_size=args.inner_size, lr_grid=_floats(args.lr_grid),
+        threshold=args.threshold,
         target_sensitivity=args.target_sensitivity, temperature=args.temperature or None)
     flags.update({k: v for k, v in protocol.items() if v is not None})
     base = quick_config(args.labels, ProtocolConfig.out_dir) if args.quick else \
@@ -162,6 +172,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--inner-size", type=float, help=help_for(
         ProtocolConfig, "inner_size", "fraction of a fold's training patients that chooses "
         "the epoch"))
+    p.add_argument("--lr-grid", metavar="LR,LR,...", help="peak learning rates tried in every "
+                   "fold; each fold keeps the best on its inner split (needs --selection inner)")
     p.add_argument("--threshold", choices=THRESHOLD_RULES, help=help_for(
         ProtocolConfig, "threshold", "binary operating point chosen out of fold: youden or "
         "sensitivity (with --target-sensitivity)"))

@@ -120,6 +120,9 @@ class ProtocolConfig:
     # fixed: train.epochs epochs, keep the last (train.patience is not used).
     selection: str = "inner"
     inner_size: float = 0.2
+    # Peak learning rates tried in every fold (each fold keeps the one whose model scores the
+    # best AUC on its inner split; needs selection=inner); empty: train.lr / blr only.
+    lr_grid: list[float] = field(default_factory=list)
     # Binary operating point, chosen on the pooled out-of-fold predictions (never the test
     # set) and applied unchanged to the test set: youden (max sensitivity + specificity - 1)
     # or sensitivity (the highest threshold reaching target_sensitivity).
@@ -151,6 +154,12 @@ class ProtocolConfig:
             raise ValueError(f"selection: must be one of {SELECTIONS}, got {self.selection!r}")
         if not 0 < self.inner_size < 0.5:
             raise ValueError(f"inner_size: must lie in (0, 0.5), got {self.inner_size}")
+        if self.lr_grid and (self.selection != "inner" or
+                             not all(math.isfinite(v) and v > 0 for v in self.lr_grid)
+                             or len(set(self.lr_grid)) != len(self.lr_grid)):
+            raise ValueError(f"lr_grid: distinct learning rates > 0, chosen per fold on the inner "
+                             f"split (selection=inner); got {self.lr_grid} with selection="
+                             f"{self.selection!r}")
         if self.threshold not in THRESHOLD_RULES:
             raise ValueError(f"threshold: must be one of {THRESHOLD_RULES}, got "
                              f"{self.threshold!r}")

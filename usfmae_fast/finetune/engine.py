@@ -74,6 +74,7 @@ class FoldResult:
     history: list[dict]
     checkpoint: Path
     seconds: float
+    peak_lr: float
 
 
 def autocast(device: torch.device, precision: str):
@@ -353,7 +354,7 @@ def train_fold(spec: ModelSpec, train: LabelledSet, select: LabelledSet | None,
         write_predictions(out_dir / "select_predictions.csv", short_names(select), best_probs,
                           run.classes, select.labels)
     return FoldResult(run.built, run.prep, best_epoch, best_probs, history, checkpoint,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, run.peak_lr)
 
 
 def short_names(images: LabelledSet) -> list[str]:

@@ -165,6 +165,33 @@ def _figures(entry: dict, y, probs, metrics: dict, classes, model_dir: Path, out
                         "confusion": os.path.relpath(confusion, out)}
 
 
+def train_fold_grid(spec: ModelSpec, fit: LabelledSet, select: LabelledSet | None,
+                    cfg: ProtocolConfig, fold_dir: Path, k: int) -> tuple:
+    """One fold's model: :func:`~.engine.train_fold` with ``cfg.train``, or, with
+    ``cfg.lr_grid``, one model per peak learning rate (``fold_dir/lr_<value>/``) of which the
+    fold keeps the best inner-split AUC (ties: lower inner-split loss), copied to ``fold_dir``.
+    Returns ``(result, {lr: inner-split AUC} or None)``."""
+    import shutil
+    if not cfg.lr_grid:
+        return train_fold(spec, fit, select, cfg.train, fold_dir, seed=cfg.seed + k,
+                          info={"fold": k}), None
+    best, best_key, scores = None, None, {}
+    for lr in cfg.lr_grid:
+        result = train_fold(spec, fit, select, replace(cfg.train, lr=lr),
+                            fold_dir / f"lr_{lr:g}", seed=cfg.seed + k,
+                            info={"fold": k, "lr_grid": list(cfg.lr_grid)})
+        kept = result.history[result.best_epoch]
+        scores[f"{lr:g}"] = kept["select_auc"]
+        key = (-1.0 if kept["select_auc"] is None else kept["select_auc"], -kept["select_loss"])
+        if best is None or key > best_key:
+            best, best_key = result, key
+        else:
+            del result
+    for name in ("best.safetensors", "history.csv", "select_predictions.csv"):
+        shutil.copy2(best.checkpoint.parent / name, fold_dir / name)
+    return replace(best, checkpoint=fold_dir / "best.safetensors"), scores
+
+
 def fit_model_rules(y, probs, classes, cfg: ProtocolConfig, fitted_on: str) -> Rules:
     return fit_rules(y, probs, classes, rule=cfg.threshold,
                      target_sensitivity=cfg.target_sensitivity, temperature=cfg.temperature,
@@ -192,9 +219,9 @@ def run_folds(spec: ModelSpec, plan: Plan, cfg: ProtocolConfig) -> tuple[dict, d
     for k, (train_idx, val_idx) in enumerate(plan.folds):
         fit_idx, select_idx = plan.inner[k] if plan.inner is not None else (train_idx, None)
         fold_dir = model_dir / f"fold{k}"
-        result = train_fold(spec, dev.subset(fit_idx),
-                            None if select_idx is None else dev.subset(select_idx), cfg.train,
-                            fold_dir, seed=cfg.seed + k, info={"fold": k})
+        result, grid = train_fold_grid(spec, dev.subset(fit_idx),
+                                       None if select_idx is None else dev.subset(select_idx),
+                                       cfg, fold_dir, k)
         val = dev.subset(val_idx)
         model = result.classifier.model
         oof[val_idx] = predict_probs(model, val.to_image_list(), result.prep, cfg.train)
@@ -208,6 +235,7 @@ def run_folds(spec: ModelSpec, plan: Plan, cfg: ProtocolConfig) -> tuple[dict, d
         folds_info.append({"fold": k, "seed": cfg.seed + k, "kept_epoch": result.best_epoch,
                            "epochs_run": len(result.history), "trained_images": len(fit_idx),
                            "selection_images": 0 if select_idx is None else len(select_idx),
+                           "lr_grid": grid, "peak_lr": result.peak_lr,
                            "seconds": result.seconds,
                            "checkpoint": os.path.relpath(result.checkpoint, out),
                            "notes": result.classifier.notes})
