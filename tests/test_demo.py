@@ -17,7 +17,7 @@ from usfmae_fast.data.load.torch_loader import GrayFrameDataset  # noqa: E402
 from usfmae_fast.finetune.report import fmt, parse_report_numbers  # noqa: E402
 from usfmae_fast.runtime.optim import param_groups, warmup_cosine  # noqa: E402
 
-MODELS = ("usfmae", "vit_scratch", "densenet169")
+MODELS = ("usfmae", "vit_scratch", "resnet18")
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,19 @@ class DemoConfig:
     out_dir: str = "outputs/demo"
     labels: str = str(DEMO_SET / "labels.csv")
     masks: str = str(DEMO_SET / "masks")
-    models: tuple[str, ...] = ("usfmae", "vit_scratch", "densenet169")
+    # unlabelled simulated subjects for pretraining (never labelled; None or missing: none)
+    unlabelled: str | None = str(DEMO_SET / "unlabelled")
+    # the ViT from MAE vs the same ViT from scratch, and a small CNN reference (densenet169
+    # can be added: --models usfmae,vit_scratch,resnet18,densenet169)
+    models: tuple[str, ...] = ("usfmae", "vit_scratch", "resnet18")
     seed: int = 0
     img_size: int = 64
     pretrain_steps: int = 600
     pretrain_batch: int = 32
     finetune_epochs: int = 15
     finetune_batch: int = 16
-    finetune_lr: float = 3e-3              # a tiny ViT on ~200 images needs this (1e-3 stalls)
+    finetune_lr: float = 3e-3              # the lr when lr_grid is empty
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3)  # per fold, each arm keeps the inner split's best
     crop_min: float = 0.5                  # random crops keep at least half the image: lesions stay
     patience: int = 5
     folds: int = 5
@@ -79,7 +84,10 @@ class DemoConfig:
                   "subjects_per_class": (self.subjects_per_class is None
                                          or self.subjects_per_class >= 1, ">= 1, or all"),
                   "threads": (self.threads is None or self.threads >= 1, ">= 1"),
-                  "models": (len(self.models) > 0, "one or more model names")}
+                  "models": (len(self.models) > 0, "one or more model names"),
+                  "lr_grid": (all(v > 0 for v in self.lr_grid) and (
+                      not self.lr_grid or bool(self.patience)),
+                      "learning rates > 0; a grid needs patience > 0 (an inner split)")}
         for name, (ok, accepted) in checks.items():
             if not ok:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is out of range; accepted: "
@@ -91,7 +99,8 @@ class DemoConfig:
         """The CI size: 6 subjects per class, 2 folds, 20 MAE steps, 2 epochs, 32 px."""
         return replace(cls(img_size=32, pretrain_steps=20, pretrain_batch=16,
                            finetune_epochs=2, finetune_batch=16, patience=0, folds=2,
-                           test_size=0.25, subjects_per_class=6, n_boot=200), **overrides)
+                           test_size=0.25, subjects_per_class=6, n_boot=200, lr_grid=()),
+                       **overrides)
 
 
 def _say(cfg: DemoConfig, text: str) -> None:
@@ -137,16 +146,30 @@ def ingest_stage(cfg: DemoConfig, out: Path) -> dict:
     return ingest(files, out, workers=cfg.threads, progress=cfg.progress, near_dup_bits=-1)
 
 
-def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tuple[Path, dict]:
-    """A ``path`` CSV of the ingested frames + the simulated development images, and their
-    pixel mean / std (in [0, 1]) for the normalisation."""
+def unlabelled_images(folder: str | None) -> list[str]:
+    """The simulated subjects that have no label anywhere (``bmode_sim/unlabelled``)."""
+    from .data.load.image_files import image_records_in
+
+    if not folder or not Path(folder).is_dir():
+        return []
+    return [r.path for r in image_records_in(Path(folder))]
+
+
+def pretraining_images(ingest_dir: Path, unlabelled: list[str], labelled: set[str],
+                       out: Path) -> tuple[Path, dict]:
+    """A ``path`` CSV of the ingested frames + the unlabelled simulated subjects, and their
+    pixel mean / std (in [0, 1]) for the normalisation. ``labelled``: every labelled image
+    (development and test); none may be in the pool."""
     from PIL import Image
 
     from .data.load.torch_loader import frame_stats
 
     with (ingest_dir / "manifest.csv").open(newline="") as f:
         frames = [str((ingest_dir / row["path"]).resolve()) for row in csv.DictReader(f)]
-    paths = frames + list(dev_paths)
+    paths = frames + list(unlabelled)
+    if shared := sorted({str(Path(p).resolve()) for p in paths} & labelled):
+        raise ValueError(f"unlabelled: {len(shared)} pretraining image(s) are also labelled, "
+                         f"e.g. {shared[:3]}")
 
     def gray(path):
         with Image.open(path) as img:
@@ -157,7 +180,7 @@ def pretraining_images(ingest_dir: Path, dev_paths: list[str], out: Path) -> tup
         writer = csv.writer(f)
         writer.writerow(["path"])
         writer.writerows([p] for p in paths)
-    return out, {"real_frames": len(frames), "simulated_images": len(dev_paths),
+    return out, {"real_frames": len(frames), "simulated_images": len(unlabelled),
                  "mean": mean, "std": std}
 
 
@@ -168,7 +191,7 @@ def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dic
     train_cfg = build_config("demo", overrides={
         "model.img_size": cfg.img_size, "model.patch_size": 8 if cfg.img_size >= 64 else 4,
         "data.source": str(source), "data.mean": stats["mean"], "data.std": stats["std"],
-        "data.heldout": 4,
+        "data.heldout": 16, "model.norm_pix_loss": False,  # plain pixels, as USF-MAE
         "optim.steps": cfg.pretrain_steps, "optim.batch_size": cfg.pretrain_batch,
         "optim.warmup_steps": max(1, cfg.pretrain_steps // 10),
         "system.seed": cfg.seed, "system.num_threads": cfg.threads,
@@ -186,12 +209,14 @@ def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path)
     train = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch,
                         img_size=cfg.img_size, warmup_epochs=min(2, cfg.finetune_epochs - 1),
                         patience=cfg.patience or None, progress=cfg.progress,
-                        threads=cfg.threads, lr=cfg.finetune_lr, smoothing=0.0,
+                        threads=cfg.threads, lr=None if cfg.lr_grid else cfg.finetune_lr,
+                        smoothing=0.0,
                         crop_min=cfg.crop_min, drop_path=0.1)
     return ProtocolConfig(labels=str(labels), out_dir=str(out), models=list(cfg.models),
                           init=str(init) if init else None, folds=cfg.folds,
                           test_size=cfg.test_size, seed=cfg.seed, n_boot=cfg.n_boot,
                           selection="inner" if cfg.patience else "fixed",
+                          lr_grid=list(cfg.lr_grid),
                           allow_outside_root=Path(labels) != Path(cfg.labels),
                           title="USF-MAE demo: pretraining, fine-tuning, Score-CAM", train=train)
 
@@ -240,8 +265,9 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
     report["sections"] = [
         {"title": "Data",
          "text": ("Pretraining: every frame of the pydicom-data ultrasound DICOMs through "
-                  "`usfmae-fast ingest` (exact duplicates dropped) plus the simulated set's "
-                  "development images without labels. Fine-tuning: the simulated B-mode set "
+                  "`usfmae-fast ingest` (exact duplicates dropped) plus simulated subjects that "
+                  "carry no label anywhere (`unlabelled/` of the simulated set, disjoint from "
+                  "every labelled subject). Fine-tuning: the simulated B-mode set "
                   "(pymust; physics in demo_data/bmode_sim/metadata.json)."),
          "numbers": {"dicom_files": ingest["files"], "frames_read": ingest["frames_read"],
                      "frames_written": ingest["frames_written"],
@@ -253,7 +279,8 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
          "text": (f"ViT-MAE {pretrain['model_config']['embed_dim']} wide x "
                   f"{pretrain['model_config']['depth']} blocks, patch "
                   f"{pretrain['model_config']['patch_size']}, mask ratio "
-                  f"{pretrain['config']['optim']['mask_ratio']}, norm_pix_loss, on "
+                  f"{pretrain['config']['optim']['mask_ratio']}, "
+                  f"{'norm_pix_loss' if pretrain['config']['model']['norm_pix_loss'] else 'plain-pixel loss'}, on "
                   f"{pretrain['throughput']['device'] if pretrain['throughput'] else 'cpu'}."),
          "numbers": {"steps": pretrain["steps"], "first_loss_mean": pretrain["first_loss_mean"],
                      "last_loss_mean": pretrain["last_loss_mean"],
@@ -319,7 +346,9 @@ def _run_stages(cfg: DemoConfig) -> dict:
     protocol.train.validate()
     dev, test = split_test_set(protocol)  # the protocol's own split; bad labels fail here, first
     ingest = stage("ingest", ingest_stage, cfg, out / "ingest")
-    source, pre_stats = pretraining_images(out / "ingest", dev.paths, out / "pretrain_images.csv")
+    labelled = {str(Path(p).resolve()) for p in [*dev.paths, *test.paths]}
+    source, pre_stats = pretraining_images(out / "ingest", unlabelled_images(cfg.unlabelled),
+                                           labelled, out / "pretrain_images.csv")
     pretrain = stage("pretrain", pretrain_stage, cfg, source, pre_stats, out / "pretrain")
     protocol = replace(protocol, init=pretrain["artefacts"]["weights"])
     finetune = stage("finetune", run_protocol, protocol)

@@ -41,7 +41,7 @@ def add_commands(sub) -> None:
                        "fine-tune (k-fold + test set, baselines) -> Score-CAM -> report.md",
                        description="Ingests the pydicom-data ultrasound DICOMs, pretrains a small "
                        "ViT-MAE, fine-tunes it on the simulated B-mode set against a ViT from "
-                       "scratch and DenseNet-169, explains the best model with Score-CAM and "
+                       "scratch and a ResNet-18, explains the best model with Score-CAM and "
                        "writes OUT/report.md (see usfmae_fast/demo.py). " + CONFIG_ORDER)
     add_config_args(p, "DemoConfig", "finetune_lr=1e-3")
     p.add_argument("--out", help=help_for(DemoConfig, "out_dir", "output folder"))
