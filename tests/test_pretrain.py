@@ -79,6 +79,10 @@ def test_loss_falls_on_real_frames(straight):
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     assert summary["heldout_loss_end"] < 0.8 * summary["heldout_loss_init"]
+    # norm_pix_loss (the demo preset): predicting 0 is predicting each patch's mean
+    base = summary["heldout_baselines"]
+    assert base["zero"] == pytest.approx(base["patch_mean"], abs=1e-6)
+    assert len(summary["heldout_per_draw"]["end"]) == summary["heldout_draws"] == 8
     assert summary["data"]["source"] == "demo" and summary["data"]["train"] >= 16
     for name in ("history.csv", "history.jsonl", "config.yaml", "summary.json",
                  "loss_curve.png", "reconstruction.png", "checkpoint.safetensors"):

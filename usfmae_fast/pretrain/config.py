@@ -110,6 +110,7 @@ class OutputConfig:
     tensorboard: bool = True               # when the tensorboard package is installed
     progress: bool = True                  # tqdm bar (rank 0)
     figures: bool = True                   # loss curve + reconstructions at the end
+    heldout_draws: int = 8                 # fixed mask draws the held-out losses average over
     resume: str | None = None              # "auto" (newest valid checkpoint in out_dir) or a path
     overwrite: bool = False                # a fresh run may delete an earlier run's checkpoints
 
@@ -381,6 +382,7 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> PretrainConf
     _range("output.out_dir", out.out_dir, out.out_dir.strip() != "", "a folder path")
     _positive("output.save_every", out.save_every)
     _positive("output.keep_last", out.keep_last)
+    _positive("output.heldout_draws", out.heldout_draws)
     _range("output.resume", out.resume, out.resume is None or out.resume.strip() != "",
            "'auto', a checkpoint path or null")
     if world_size is not None:

@@ -33,6 +33,7 @@ from torch import nn
 from .. import ops
 from ..runtime.lock import output_lock
 from . import checkpointing as ckpt
+from .baselines import METHOD, baseline_losses, model_losses
 from .config import PretrainConfig, dump_yaml, micro_batch_size, run_length
 from .data import build_data
 from .distributed import (DistContext, all_reduce_mean, broadcast_object,
@@ -152,7 +153,9 @@ class PretrainEngine:
             raise ValueError(f"an epoch holds {len(self.data.loader)} micro-batches per rank, "
                              f"fewer than optim.accum_steps = {o.accum_steps}")
         self.total_steps, self.warmup_steps = run_length(cfg, self.steps_per_epoch)
-        self.heldout_loss_init = self._heldout_loss()
+        # the model as initialised, on the held-out images and mask draws of the end's score
+        self.heldout_losses_init = self._heldout_losses()
+        self.heldout_loss_init = _mean_or_none(self.heldout_losses_init)
         if s.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.train_model = wrap_model(self.model, self.ctx, s.distributed)
@@ -381,8 +384,15 @@ class PretrainEngine:
         arte["history"], arte["config"] = str(out / "history.csv"), str(out / "config.yaml")
         arte["provenance"] = str(out / PROVENANCE)
         recon = None
+        losses_end = self._heldout_losses(model)
+        baselines = self._heldout_baselines()
+        heldout_end = _mean_or_none(losses_end)
         if self.cfg.output.figures and history:
-            arte["loss_curve"] = str(plot_loss_curve(history, out / "loss_curve.png"))
+            points = {} if self.heldout_loss_init is None else {
+                0: self.heldout_loss_init, self.state.step: heldout_end}
+            arte["loss_curve"] = str(plot_loss_curve(
+                history, out / "loss_curve.png", heldout=points,
+                baselines={k: float(np.mean(v)) for k, v in baselines.items()}))
         if self.cfg.output.figures and self.data.heldout is not None:
             recon = plot_reconstructions(
                 model, self.data.heldout.to(self.device), out / "reconstruction.png",
@@ -400,9 +410,18 @@ class PretrainEngine:
             "final_loss": losses[-1] if losses else None, "loss_window": window,
             "first_loss_mean": float(np.mean(losses[:window])) if losses else None,
             "last_loss_mean": float(np.mean(losses[-window:])) if losses else None,
+            # the model's loss on the held-out images at the start / end, each the mean over
+            # output.heldout_draws fixed mask draws (the same ones as heldout_baselines)
             "heldout_loss_init": self.heldout_loss_init,
-            "heldout_loss_end": recon["loss"] if recon else self._heldout_loss(model),
-            "heldout_masked_mse": recon["masked_mse"] if recon else None,
+            "heldout_loss_end": heldout_end,
+            "heldout_masked_mse": recon["masked_mse"] if recon else None,  # draw 0 (figure)
+            "heldout_baselines": {k: float(np.mean(v)) for k, v in baselines.items()} or None,
+            "baseline_method": METHOD.format(draws=self.cfg.output.heldout_draws,
+                                             mask_ratio=self.cfg.optim.mask_ratio)
+            if baselines else None,
+            "heldout_draws": self.cfg.output.heldout_draws if baselines else None,
+            "heldout_per_draw": {"init": self.heldout_losses_init, "end": losses_end,
+                                 **baselines} if baselines else None,
             "train_seconds": self.state.seconds, "throughput": throughput,
             "data": self.data.report, "data_mean": self.data.mean, "data_std": self.data.std,
             "model_config": self.model.config,
@@ -427,13 +446,28 @@ class PretrainEngine:
         return plain.to(self.device)
 
     @_with_ops_backend
-    def _heldout_loss(self, model=None) -> float | None:
-        from .figures import reconstruct
-
+    def _heldout_losses(self, model=None) -> list[float] | None:
+        """The model's loss on the held-out images for each of the fixed mask draws (rank 0;
+        None without held-out images)."""
         if not self.ctx.is_main or self.data.heldout is None:
             return None
-        return reconstruct(model or self.model, self.data.heldout.to(self.device),
-                           self.cfg.optim.mask_ratio, self.cfg.system.seed)["loss"]
+        return model_losses(model or self.model, self.data.heldout.to(self.device),
+                            self.cfg.optim.mask_ratio, self.cfg.system.seed,
+                            self.cfg.output.heldout_draws)
+
+    @_with_ops_backend
+    def _heldout_baselines(self) -> dict[str, list[float]]:
+        """``{name: [loss per draw]}`` of the trivial predictors (see ``baselines.py``) on the
+        held-out images and the same mask draws; empty without held-out images."""
+        if not self.ctx.is_main or self.data.heldout is None:
+            return {}
+        return baseline_losses(self.data.heldout.to(self.device), self.model.config["patch_size"],
+                               bool(self.model.norm_pix_loss), self.cfg.optim.mask_ratio,
+                               self.cfg.system.seed, self.cfg.output.heldout_draws)
+
+
+def _mean_or_none(values: list[float] | None) -> float | None:
+    return float(np.mean(values)) if values else None
 
 
 def pretrain(cfg: PretrainConfig, on_step=None) -> dict:

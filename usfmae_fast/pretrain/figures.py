@@ -26,9 +26,19 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     return np.concatenate([np.cumsum(values[:window - 1]) / np.arange(1, window), out])
 
 
+BASELINE_STYLE = {"zero": ("tab:red", ":"), "patch_mean": ("tab:purple", "--"),
+                  "visible_mean": ("tab:brown", "-.")}
+BASELINE_LABEL = {"zero": "predict 0", "patch_mean": "patch mean (oracle)",
+                  "visible_mean": "mean of visible pixels"}
+
+
 def plot_loss_curve(history: Sequence[dict], path, window: int | None = None,
-                    title: str = "MAE pretraining loss") -> Path:
-    """Per-step loss (faint), its moving average, and the lr on a second axis."""
+                    title: str = "MAE pretraining loss", heldout: dict | None = None,
+                    baselines: dict | None = None) -> Path:
+    """Per-step loss (faint), its moving average, and the lr on a second axis; ``heldout``
+    ``{step: loss}`` drawn as points (joined when more than two: the model's held-out loss), and
+    ``baselines`` ``{name: loss}`` (the trivial predictors' held-out loss, see
+    :mod:`~usfmae_fast.pretrain.baselines`) as labelled horizontal lines."""
     if not history:
         raise ValueError("history is empty: nothing to plot")
     plt = pyplot()
@@ -39,6 +49,19 @@ def plot_loss_curve(history: Sequence[dict], path, window: int | None = None,
     ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=0.8, label="loss per step")
     ax.plot(steps, moving_average(loss, window), color="tab:blue", lw=2,
             label=f"moving average ({window} steps)")
+    if heldout:
+        points = sorted((s, v) for s, v in heldout.items() if v is not None)
+        # two points (start / end) are not a trajectory: no line between them
+        ax.plot([s for s, _ in points], [v for _, v in points], color="black", marker="o",
+                ms=5, lw=1, ls="-" if len(points) > 2 else "none",
+                label="held-out loss (model)")
+        for s, v in points:
+            ax.annotate(f"{v:.3f}", (s, v), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    for name, value in (baselines or {}).items():
+        colour, style = BASELINE_STYLE.get(name, ("gray", ":"))
+        ax.axhline(value, color=colour, ls=style, lw=1.2,
+                   label=f"held-out: {BASELINE_LABEL.get(name, name)} {value:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (masked patches)")
     ax.set_title(title)
@@ -49,7 +72,7 @@ def plot_loss_curve(history: Sequence[dict], path, window: int | None = None,
         ax_lr.set_ylabel("learning rate", color="tab:orange")
         ax_lr.tick_params(axis="y", colors="tab:orange")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper right", fontsize=7 if heldout or baselines else None)
     path = save_figure(fig, path)
     return path
 
