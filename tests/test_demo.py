@@ -94,8 +94,11 @@ def test_stages_report_what_they_did(demo):
     test_images = {r["path"] for r in rows if r["set"] == "test"}
     with (out / "pretrain_images.csv").open(newline="") as f:
         pretraining = {r["path"] for r in csv.DictReader(f)}
-    assert test_images and not test_images & pretraining  # the MAE never saw a test image
-    assert data["pretraining_simulated_images"] == len(rows) - len(test_images)
+    labelled = {r["path"] for r in rows}
+    assert test_images and not labelled & pretraining  # the MAE never saw a labelled image
+    from usfmae_fast.demo import DemoConfig, unlabelled_images
+    assert data["pretraining_simulated_images"] == len(unlabelled_images(
+        DemoConfig().unlabelled))
     pre = numbers["Pretraining"]
     assert pre["steps"] == 20 and np.isfinite(pre["last_loss_mean"])
     assert pre["last_loss_mean"] < pre["first_loss_mean"]
