@@ -176,3 +176,7 @@ def test_extract_features_of_the_three_arms(tmp_path):
     assert pixels.shape == (6, 64)
     with pytest.raises(ValueError, match="arm"):
         features("imagenet")
+    # a built encoder (size and normalisation from its pretrained_cfg) on an ImageList
+    from usfmae_fast.finetune.inference import load_encoder
+    np.testing.assert_array_equal(extract_features(load_encoder(ckpt)[0], images.to_image_list(),
+                                                   device="cpu"), mae)
