@@ -110,7 +110,7 @@ def test_same_subsets_for_every_arm_and_reproducible(result):
     features, y_dev, g_dev, y_test, g_test = synthetic()
     alone = label_efficiency({"pixels": features["pixels"]}, y_dev, g_dev, y_test, g_test,
                              CLASSES, seeds=4, n_boot=200)
-    assert alone["results"]["pixels"] == result["results"]["pixels"]  # the other arms changed nothing
+    assert alone["results"]["pixels"] == result["results"]["pixels"]  # other arms: no effect
     pair = {arm: (f[:len(y_dev)], f[len(y_dev):]) for arm, f in features.items()}
     assert label_efficiency(pair, y_dev, g_dev, y_test, g_test, CLASSES, seeds=4, n_boot=200,
                             comparisons=COMPARISONS) == result
