@@ -20,6 +20,8 @@ _EXPORTS = {
     "config": ("ProtocolConfig", "TrainConfig"),
     "engine": ("FoldResult", "train_fold"),
     "inference": ("embed_images", "predict_images"),
+    "label_efficiency": ("describe_difference", "extract_features", "label_subsets",
+                         "plot_label_efficiency"),
     "models": ("LoadedClassifier", "ModelSpec", "build_classifier", "load_finetuned",
                "model_spec", "save_classifier"),
     "protocol": ("evaluate_checkpoints", "quick_config", "run_protocol"),
