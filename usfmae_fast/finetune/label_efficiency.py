@@ -6,7 +6,7 @@ seeded random initialisation (``"random_init"``: only pretraining differs) and t
 image averaged down to a small square (``"pixels"``). A logistic regression on each is trained
 on class-stratified, subject-grouped subsets of the development subjects (10 / 25 / 50 / 100 %,
 several seeds; the same subset for every arm) and scored by test AUC; paired differences
-between arms come with intervals, a curve and generated sentences (:func:`describe_difference`).
+between arms come with intervals, a curve and generated sentences (:func:`~.claims.difference_sentence`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .claims import difference_sentence
 from .metrics import fold_mean_ci, resampling_units, roc_auc
 
 ARMS = ("mae", "random_init", "pixels")
@@ -150,28 +151,6 @@ def label_subsets(y_dev, groups_dev, n_classes: int, fractions: Sequence[float] 
     return subsets
 
 
-# ----------------------------------------------------------------------------- sentences
-def describe_difference(difference: float, ci, a: str, b: str, where: str = "", *,
-                        level: float = 0.95, metric: str = "", digits: int = 3) -> str:
-    """The claim the numbers allow about ``difference = a - b`` and its interval ``ci``: "a
-    scores higher / lower than b ..." when the interval excludes 0, "no difference detected
-    ..." when it includes 0, and no claim without an interval."""
-    def num(v):
-        return f"{v:.{digits}f}"
-
-    what = f"{metric} difference" if metric else "difference"
-    if ci is None or ci[0] is None or ci[1] is None:
-        return (f"no claim about {a} vs {b}{where}: {what} {num(difference)}, no interval "
-                "(too few repeats)")
-    lo, hi = ci
-    numbers = f"{what} {num(difference)}, {100 * level:g} % CI {num(lo)} to {num(hi)}"
-    if lo > 0 or hi < 0:
-        verb = "score" if a.endswith("s") else "scores"  # "MAE features score", "model A scores"
-        return (f"{a} {verb} {'higher' if lo > 0 else 'lower'} than {b}{where} ({numbers}, "
-                "excludes 0)")
-    return f"no difference detected between {a} and {b}{where} ({numbers}, includes 0)"
-
-
 # ----------------------------------------------------------------------------- the experiment
 def _checked_labels(y, groups, n_classes: int, names: tuple[str, str]) -> np.ndarray:
     y = np.asarray(y)
@@ -215,11 +194,7 @@ def _fit_predict(x_train, y_train, x_test, C: float, max_iter: int) -> np.ndarra
     return model.fit(x_train, y_train).predict_proba(x_test)
 
 
-def _at(fraction: float) -> str:
-    return f" at {100 * fraction:g} % of labels"
-
-
-def label_efficiency(features: dict, y_dev, groups_dev, y_test, groups_test,
+def measure_label_efficiency(features: dict, y_dev, groups_dev, y_test, groups_test,
                      classes: Sequence[str], *, fractions: Sequence[float] = FRACTIONS,
                      seeds: int = 5, n_boot: int = 1000, seed: int = 0, C: float = 1.0,
                      max_iter: int = 5000, level: float = 0.95,
@@ -309,9 +284,8 @@ def label_efficiency(features: dict, y_dev, groups_dev, y_test, groups_test,
                                     f"{'subjects' if groups_test is not None else 'images'} "
                                     f"({int(n_boot)} resamples; one fit on every development "
                                     "subject, no spread over seeds)")
-            row["sentence"] = describe_difference(row["mean"], row["ci"],
-                                                  ARM_LABELS.get(a, a), ARM_LABELS.get(b, b),
-                                                  _at(fraction), level=level, metric="AUC")
+            # digit-free (report.md keeps numbers in tables): the fraction is the table's row
+            row["sentence"] = difference_sentence(a, b, "test AUC", row["ci"])
             differences.append(row)
             sentences.append(row["sentence"])
     training = []
