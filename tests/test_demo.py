@@ -105,7 +105,8 @@ def test_stages_report_what_they_did(demo):
     cam = numbers["Score-CAM"]
     assert 0 <= cam["pointing_game"] <= 1 and 0 <= cam["energy_in_mask"] <= 1
     assert set(numbers["Run time"]) == {f"{s}_seconds" for s in
-                                        ("ingest", "pretrain", "finetune", "scorecam")}
+                                        ("ingest", "pretrain", "label_efficiency",
+                                         "finetune", "scorecam")}
 
 
 def test_bad_labels_fail_before_any_stage(tmp_path):

@@ -47,7 +47,7 @@ COMPARISONS = [("mae", "random_init"), ("mae", "pixels"), ("random_init", "pixel
 def result():
     features, y_dev, g_dev, y_test, g_test = synthetic()
     return measure_label_efficiency(features, y_dev, g_dev, y_test, g_test, CLASSES, seeds=4,
-                            n_boot=200, comparisons=COMPARISONS)
+                                    n_boot=200, comparisons=COMPARISONS)
 
 
 def test_informative_arm_wins_everywhere_and_noise_ties(result):

@@ -65,6 +65,8 @@ class DemoConfig:
     finetune_batch: int = 16
     finetune_lr: float = 3e-3              # the lr when lr_grid is empty
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)  # per fold, each arm keeps the inner split's best
+    label_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)  # label-efficiency curve
+    label_seeds: int = 5
     crop_min: float = 0.5                  # random crops keep at least half the image: lesions stay
     patience: int = 5
     folds: int = 5
@@ -200,6 +202,26 @@ def pretrain_stage(cfg: DemoConfig, source: Path, stats: dict, out: Path) -> dic
     return pretrain(train_cfg)
 
 
+def label_efficiency_stage(cfg: DemoConfig, weights: str, dev, test, out: Path) -> dict:
+    """Frozen features of the MAE encoder, of the same architecture at random initialisation
+    and of raw pixels; logistic regression on growing shares of the development subjects,
+    scored on the test set (:mod:`usfmae_fast.finetune.label_efficiency`); the curve drawn."""
+    from .finetune.label_efficiency import (extract_features, measure_label_efficiency,
+                                            plot_label_efficiency)
+
+    common = dict(img_size=cfg.img_size, seed=cfg.seed, device="cpu" if cfg.threads else "auto")
+    features = {arm: (extract_features(weights, dev, arm=arm, **common),
+                      extract_features(weights, test, arm=arm, **common))
+                for arm in ("mae", "random_init", "pixels")}
+    result = measure_label_efficiency(features, dev.labels, dev.groups, test.labels,
+                                      test.groups, dev.classes, fractions=cfg.label_fractions,
+                                      seeds=cfg.label_seeds, n_boot=cfg.n_boot, seed=cfg.seed)
+    result["figure"] = plot_label_efficiency(result, out / "label_efficiency.png",
+                                             "frozen features: test AUC vs labels used")
+    (out / "label_efficiency.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
 def finetune_config(cfg: DemoConfig, labels: Path, init: Path | None, out: Path):
     """The protocol's configuration; the labels may point outside their folder only when they
     are :func:`select_subjects`' copy (whose paths it checked against the original's folder)."""
@@ -246,8 +268,53 @@ def _rebased(figures: dict, folder: str) -> dict:
     return {k: f"{folder}/{v}" for k, v in figures.items()}
 
 
+def baseline_claims(pretrain: dict) -> dict:
+    """The pretrained MAE's held-out loss against each trivial predictor, paired over the same
+    seeded mask draws (t-interval of the per-draw difference), with generated claims."""
+    from .finetune.claims import difference_sentence
+    from .finetune.metrics import fold_mean_ci
+
+    draws = pretrain.get("heldout_per_draw") or {}
+    numbers, claims = {}, []
+    for name in ("zero", "visible_mean", "patch_mean"):
+        if "end" not in draws or name not in draws:
+            continue
+        diffs = [float(a - b) for a, b in zip(draws["end"], draws[name])]
+        ci = fold_mean_ci(diffs, bounds=None)
+        numbers[f"mae_minus_{name}_loss"] = float(np.mean(diffs))
+        numbers[f"mae_minus_{name}_loss_ci_low"], numbers[f"mae_minus_{name}_loss_ci_high"] = ci
+        claims.append(difference_sentence("pretrained MAE", f"{name} predictor",
+                                          "held-out reconstruction loss", ci))
+    return {"title": "Pretraining against trivial predictors",
+            "text": (f"{pretrain.get('baseline_method', '')} Differences are the pretrained "
+                     "model's loss minus the predictor's on the same mask draws (negative: the "
+                     "model reconstructs better); interval: Student-t over the draws.\n\n"
+                     + "\n".join(f"- {c}" for c in claims)),
+            "numbers": numbers}
+
+
+def efficiency_section(result: dict) -> dict:
+    """The label-efficiency section: every arm's mean test AUC per share of labels with its
+    interval, the paired differences, and the claims generated from them."""
+    numbers, claims = {}, []
+    for arm, rows in result["results"].items():
+        for row in rows:
+            key = f"{arm}_auc_at_{row['fraction']:g}"
+            numbers[key] = row["mean"]
+            numbers[f"{key}_ci_low"], numbers[f"{key}_ci_high"] = row["ci"]
+    for diff in result["differences"]:
+        key = f"{diff['a']}_minus_{diff['b']}_at_{diff['fraction']:g}"
+        numbers[key] = diff["mean"]
+        numbers[f"{key}_ci_low"], numbers[f"{key}_ci_high"] = diff["ci"]
+        claims.append(f"With `{diff['fraction']:g}` of the development subjects' labels: "
+                      f"{diff['sentence']}")
+    return {"title": "Label efficiency (frozen features)",
+            "text": (result["method"] + "\n\n" + "\n".join(f"- {c}" for c in claims)),
+            "numbers": numbers}
+
+
 def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats: dict,
-                 pretrain: dict, cam: dict, seconds: dict) -> dict:
+                 pretrain: dict, cam: dict, seconds: dict, efficiency: dict) -> dict:
     """The fine-tuning report with the other stages' sections and figures, paths relative to
     the demo folder."""
     report = json.loads(json.dumps(finetune_report))
@@ -256,6 +323,8 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
     titles = {"loss_curve": "pretraining loss", "reconstruction":
               "reconstructions of held-out images (original / masked / reconstruction)"}
     report["figures"] = {
+        "label efficiency: test AUC of logistic regression on frozen features":
+            "label_efficiency/label_efficiency.png",
         **{title: f"pretrain/{Path(pretrain['artefacts'][key]).name}"
            for key, title in titles.items() if key in pretrain["artefacts"]},
         f"Score-CAM of {cam['model_name']} fold {cam['fold']} on test lesions "
@@ -286,8 +355,12 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
                      "last_loss_mean": pretrain["last_loss_mean"],
                      "heldout_loss_before": pretrain["heldout_loss_init"],
                      "heldout_loss_after": pretrain["heldout_loss_end"],
+                     **{f"heldout_loss_{name}_predictor": value
+                        for name, value in (pretrain.get("heldout_baselines") or {}).items()},
                      "images_per_s": (pretrain["throughput"] or {}).get("images_per_s"),
                      "train_seconds": pretrain["train_seconds"]}},
+        baseline_claims(pretrain),
+        efficiency_section(efficiency),
         *report.get("sections", []),
         {"title": "Score-CAM",
          "text": (f"Score-CAM (`{cam['target_layer']}`, {cam['score']} scores, {cam['weights']} "
@@ -350,13 +423,17 @@ def _run_stages(cfg: DemoConfig) -> dict:
     source, pre_stats = pretraining_images(out / "ingest", unlabelled_images(cfg.unlabelled),
                                            labelled, out / "pretrain_images.csv")
     pretrain = stage("pretrain", pretrain_stage, cfg, source, pre_stats, out / "pretrain")
+    (out / "label_efficiency").mkdir(parents=True, exist_ok=True)
+    efficiency = stage("label_efficiency", label_efficiency_stage, cfg,
+                       pretrain["artefacts"]["weights"], dev, test, out / "label_efficiency")
     protocol = replace(protocol, init=pretrain["artefacts"]["weights"])
     finetune = stage("finetune", run_protocol, protocol)
     cam = stage("scorecam", scorecam_stage, cfg, finetune, out / "finetune", test,
                 out / "scorecam")
     meta_path = Path(cfg.labels).parent / "metadata.json"
     sim_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    report = build_report(finetune, ingest, sim_meta, pre_stats, pretrain, cam, seconds)
+    report = build_report(finetune, ingest, sim_meta, pre_stats, pretrain, cam, seconds,
+                          efficiency)
     report["demo_provenance"] = provenance(
         config=asdict(cfg), seed=cfg.seed, device=pretrain["provenance"]["device"],
         files={"labels": labels, "pretrained_weights": pretrain["artefacts"]["weights"]})
