@@ -261,7 +261,42 @@ def scorecam_stage(cfg: DemoConfig, finetune_report: dict, finetune_dir: Path, t
         hits = [r["pointing_game"] for r in summary["images"]
                 if label_of[r["image"]] == c and "pointing_game" in r]
         per_class[c] = float(np.mean(hits)) if hits else None
-    return {**summary, "model_name": name, "fold": best, "pointing_game_per_class": per_class}
+    shadow = shadow_test(summary, Path(cfg.masks).parent / "masks_shadow", out, label_of)
+    return {**summary, "model_name": name, "fold": best, "pointing_game_per_class": per_class,
+            "shadow_test": shadow}
+
+
+def shadow_test(summary: dict, shadow_masks: Path, out: Path, label_of: dict) -> dict | None:
+    """Is the evidence for a solid lesion its posterior shadow? The share of each Score-CAM
+    map's energy inside the simulated shadow region (``masks_shadow/``, written by the
+    simulator) minus that region's share of the image (what a uniform map puts there), averaged
+    per subject, with a Student-t interval over subjects; None without shadow masks."""
+    from .explain.localization import energy_in_mask
+    from .explain.run import find_mask, mask_index
+    from .finetune.claims import difference_sentence
+    from .finetune.metrics import fold_mean_ci
+
+    if not shadow_masks.is_dir():
+        return None
+    index = mask_index(shadow_masks)
+    per_subject: dict[str, list[float]] = {}
+    for record in summary["images"]:
+        if label_of.get(record["image"]) != "solid":
+            continue
+        heat = np.load(out / "heatmaps" / f"{record['name']}.npy")
+        mask = find_mask(Path(record["image"]), index, heat.shape)
+        if mask is None or not mask.any():
+            continue
+        subject = Path(record["image"]).stem.rsplit("_v", 1)[0]
+        per_subject.setdefault(subject, []).append(
+            float(energy_in_mask(heat, mask)) - float(mask.mean()))
+    values = [float(np.mean(v)) for v in per_subject.values()]
+    ci = fold_mean_ci(values, bounds=(-1.0, 1.0))
+    return {"subjects": len(values), "images": sum(map(len, per_subject.values())),
+            "mean_excess_energy": float(np.mean(values)) if values else None,
+            "ci": ci, "claim": difference_sentence(
+                "Score-CAM", "uniform map", "share of map energy in the posterior shadow of "
+                "solid lesions", ci)}
 
 
 def _rebased(figures: dict, folder: str) -> dict:
@@ -372,7 +407,11 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
                   "same images. Faithfulness: area under the explained class's probability as "
                   "the most salient pixels are blurred away (deletion, lower is better) or put "
                   "back (insertion, higher is better), for Score-CAM, Grad-CAM, Eigen-CAM and "
-                  "a random map."),
+                  "a random map."
+                  + (" Shadow hypothesis (solid lesions): the share of the map's energy in the "
+                     "simulated posterior-shadow region minus that region's share of the image "
+                     "(a uniform map's), per subject. " + cam["shadow_test"]["claim"]
+                     if cam.get("shadow_test") else "")),
          "numbers": {"images_with_masks": cam["images_with_masks"],
                      "tolerance": cam["tolerance"], "zero_maps": cam["zero_maps"],
                      **{f"{score}{suffix}": cam.get(f"{score}{suffix}")
@@ -380,6 +419,11 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
                         for suffix in ("", "_centre_pointer", "_uniform_map")},
                      **{f"pointing_game_{c}": v
                         for c, v in cam["pointing_game_per_class"].items()},
+                     **({"shadow_subjects": cam["shadow_test"]["subjects"],
+                         "shadow_excess_energy": cam["shadow_test"]["mean_excess_energy"],
+                         "shadow_excess_energy_ci_low": cam["shadow_test"]["ci"][0],
+                         "shadow_excess_energy_ci_high": cam["shadow_test"]["ci"][1]}
+                        if cam.get("shadow_test") else {}),
                      **{f"{method}_{kind}": value
                         for method, areas in ((cam.get("faithfulness") or {})
                                               .get("methods") or {}).items()
