@@ -153,3 +153,17 @@ def test_lr_schedule_and_weight_decay_groups():
     assert {"cls_token", "mask_token"} <= {names[id(p)] for p in no_decay["params"]}
     assert all(p.ndim >= 2 for p in decay["params"])
     assert all(p.ndim <= 1 or names[id(p)].endswith("token") for p in no_decay["params"])
+
+
+def test_eta_scales_with_the_work_and_the_pace():
+    from usfmae_fast.demo import REFERENCE_SECONDS, DemoConfig, eta_seconds
+
+    cfg = DemoConfig()
+    assert eta_seconds(cfg, {}) == pytest.approx(sum(REFERENCE_SECONDS.values()))
+    twice = {"ingest": 2 * REFERENCE_SECONDS["ingest"]}  # a machine half as fast so far
+    rest = sum(v for k, v in REFERENCE_SECONDS.items() if k != "ingest")
+    assert eta_seconds(cfg, twice) == pytest.approx(2 * rest)
+    from dataclasses import replace
+    doubled = replace(cfg, finetune_epochs=2 * cfg.finetune_epochs)
+    assert eta_seconds(doubled, {}) == pytest.approx(
+        sum(REFERENCE_SECONDS.values()) + REFERENCE_SECONDS["finetune"])

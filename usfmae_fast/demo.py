@@ -105,6 +105,37 @@ class DemoConfig:
                        **overrides)
 
 
+# Seconds of each stage in a reference run of the defaults on the 2-core CPU machine (commit
+# bc065d4, its defaults: 300 MAE steps of 32, 3 models x 3 folds x 8 epochs x 2 lrs, 64 px;
+# the previous simulated set, a simulation running on the other core),
+# and the work they scale with; the ETA printed between stages scales these by the run's own
+# work and by how fast this machine has been so far.
+REFERENCE_SECONDS = {"ingest": 3.0, "pretrain": 104.0, "label_efficiency": 18.0,
+                     "finetune": 213.0, "scorecam": 50.0}
+
+
+def stage_work(cfg: DemoConfig) -> dict[str, float]:
+    """Each stage's work relative to the reference run's (1.0 = the same)."""
+    ref = DemoConfig()
+    finetune = (len(cfg.models) * cfg.folds * cfg.finetune_epochs * max(1, len(cfg.lr_grid))
+                * (cfg.img_size / ref.img_size) ** 2)
+    finetune /= len(ref.models) * ref.folds * ref.finetune_epochs * len(ref.lr_grid)
+    pretrain = cfg.pretrain_steps * cfg.pretrain_batch * (cfg.img_size / ref.img_size) ** 2 / (
+        ref.pretrain_steps * ref.pretrain_batch)
+    return {"ingest": 1.0, "pretrain": pretrain, "label_efficiency": len(cfg.label_fractions)
+            * cfg.label_seeds / (len(ref.label_fractions) * ref.label_seeds),
+            "finetune": finetune, "scorecam": 1.0}
+
+
+def eta_seconds(cfg: DemoConfig, done: dict[str, float]) -> float:
+    """Seconds the remaining stages should take: their reference time scaled by their work and
+    by this run's pace so far (its seconds over the reference's for the stages done)."""
+    work = stage_work(cfg)
+    expected_done = sum(REFERENCE_SECONDS[s] * work[s] for s in done)
+    pace = sum(done.values()) / expected_done if expected_done > 0 else 1.0
+    return pace * sum(REFERENCE_SECONDS[s] * work[s] for s in REFERENCE_SECONDS if s not in done)
+
+
 def _say(cfg: DemoConfig, text: str) -> None:
     if cfg.progress:
         print(f"demo: {text}", flush=True)
@@ -450,12 +481,18 @@ def _run_stages(cfg: DemoConfig) -> dict:
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     seconds: dict[str, float] = {}
 
+    _say(cfg, f"about {eta_seconds(cfg, {}) / 60:.1f} min on a 2-core CPU machine; each stage "
+              "prints the time left")
+
     def stage(name: str, fn, *args):
         _say(cfg, f"{name} ...")
         started = time.perf_counter()
         result = fn(*args)
         seconds[name] = round(time.perf_counter() - started, 1)
-        _say(cfg, f"{name} done in {seconds[name]} s")
+        left = eta_seconds(cfg, seconds)
+        finish = time.strftime("%H:%M:%S", time.localtime(time.time() + left))
+        _say(cfg, f"{name} done in {seconds[name]} s; about {left / 60:.1f} min left "
+                  f"(ETA {finish})" if left > 0 else f"{name} done in {seconds[name]} s")
         return result
 
     labels = select_subjects(Path(cfg.labels), cfg.subjects_per_class, out / "labels.csv")
