@@ -1,19 +1,30 @@
-"""The main job end to end, on data that installs offline (``make demo`` / ``usfmae-fast demo``):
+"""The main job end to end, on data that installs offline (``make demo`` / ``usfmae-fast demo``),
+as an experiment: does MAE pretraining on unlabelled ultrasound help?
 
 1. **ingest** every ultrasound DICOM of ``pydicom-data`` (every frame; exact duplicates dropped);
-2. **pretrain** a small ViT-MAE on those real frames plus the *unlabelled* images of the
-   simulated set's development part (its test images are never seen), through the pretraining
-   engine (about 5-10 minutes on 2 CPU cores; ViT-B/16 with the fast kernels on a GPU);
-3. **fine-tune** with the clinical protocol on the simulated labelled B-mode set
-   (``usfmae_fast/demo_data/bmode_sim``: normal / cyst / solid lesion, patient ids, lesion
-   masks; made by :mod:`usfmae_fast.data.simulate`): held-out test set, 5-fold patient-grouped
-   cross-validation, the MAE-initialised ViT against the same ViT from scratch and DenseNet-169;
-4. **Score-CAM** of the best MAE-initialised fold model on the test set's lesion images, with the
-   pointing game and the energy inside the lesion masks;
-5. **report**: ``report.md`` + ``report.json`` with every figure and number, path printed;
-   ``provenance.json`` (also ``report.json``'s ``demo_provenance``): commit, versions, command,
-   the demo config, the hashes of the label list and of the pretrained weights, seed, device.
+2. **pretrain** a small ViT-MAE (plain-pixel loss, as USF-MAE) on those real frames plus the
+   simulated subjects that carry no label anywhere (``bmode_sim/unlabelled``): no labelled
+   subject, development or test, is in the pool (checked). Its held-out loss is compared, on
+   the same seeded mask draws, with trivial predictors (zero, the visible pixels' mean, the
+   patch-mean oracle);
+3. **label efficiency** with frozen features: logistic regression on the MAE encoder's
+   features, on the same ViT at random initialisation and on raw pixels, at 10 / 25 / 50 /
+   100 % of the development subjects (several seeds, subject-grouped), scored on the test set;
+4. **fine-tune** with the clinical protocol on the simulated labelled B-mode set
+   (:mod:`usfmae_fast.data.simulate`): held-out test set, patient-grouped cross-validation,
+   each fold's epoch and learning rate (``lr_grid``) chosen on an inner split; the
+   MAE-initialised ViT against the same ViT from scratch and a ResNet-18 reference, compared
+   pairwise on the same test images (patient-clustered interval of the AUC difference, DeLong,
+   McNemar);
+5. **Score-CAM** of the ground-truth class on the test set's lesion images, with the pointing
+   game, energy in the lesion mask, their centre-pointer and uniform-map baselines,
+   deletion / insertion scores, and the posterior-shadow hypothesis tested where the
+   simulation exports shadow regions;
+6. **report**: ``report.md`` + ``report.json``; every sentence comparing two arms is generated
+   from the paired result (:mod:`usfmae_fast.finetune.claims`); ``provenance.json`` (also
+   ``report.json``'s ``demo_provenance``).
 
+Progress and an ETA are printed between stages (scaled from a measured reference run).
 ``quick=True`` (``--quick``) runs the same pipeline at a size for CI (a few subjects per
 class, 2 folds, a few steps and epochs, 32 px).
 """
