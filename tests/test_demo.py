@@ -167,3 +167,25 @@ def test_eta_scales_with_the_work_and_the_pace():
     doubled = replace(cfg, finetune_epochs=2 * cfg.finetune_epochs)
     assert eta_seconds(doubled, {}) == pytest.approx(
         sum(REFERENCE_SECONDS.values()) + REFERENCE_SECONDS["finetune"])
+
+
+def test_same_seed_same_report(demo, tmp_path):
+    """A second run with the same seed writes the same numbers (timings and provenance aside)."""
+    from usfmae_fast.cli import main
+
+    _, report, _ = demo
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--threads", "1", "--quiet"]) == 0
+    again = json.loads((tmp_path / "report.json").read_text())
+    for name in MODELS:
+        assert again["models"][name]["test"] == report["models"][name]["test"]
+        assert again["models"][name]["cv"] == report["models"][name]["cv"]
+    assert again["comparisons"] == report["comparisons"]
+    timed = ("Run time", "Pretraining", "Splits and seeds")  # hold seconds and images/s
+    sections = {s["title"]: s for s in report["sections"] if s["title"] not in timed}
+    for section in again["sections"]:
+        if section["title"] in sections:
+            assert section == sections[section["title"]], section["title"]
+    numbers = {s["title"]: s["numbers"] for s in again["sections"]}
+    before = {s["title"]: s["numbers"] for s in report["sections"]}
+    for key in ("first_loss_mean", "last_loss_mean", "heldout_loss_after"):
+        assert numbers["Pretraining"][key] == before["Pretraining"][key]

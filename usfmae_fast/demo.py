@@ -291,7 +291,8 @@ def scorecam_stage(cfg: DemoConfig, finetune_report: dict, finetune_dir: Path, t
     of the test set (a ``LabelledSet``)."""
     from .explain.run import explain_images
 
-    name = "usfmae" if "usfmae" in finetune_report["models"] else next(iter(finetune_report["models"]))
+    models = finetune_report["models"]
+    name = "usfmae" if "usfmae" in models else next(iter(models))
     folds = finetune_report["models"][name]["cv"]["folds"]
     best = int(np.argmax([f["auc"] if f["auc"] is not None else -1 for f in folds]))
     label_of = {p: test.classes[i] for p, i in zip(test.paths, test.labels)}
@@ -408,6 +409,8 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
         "(mask outlines)": "scorecam/grid.png"}
     sim = {"simulated_images": sim_meta.get("images"),
            "simulated_subjects_per_class": sim_meta.get("subjects_per_class")}
+    loss_name = ("norm_pix_loss" if pretrain["config"]["model"]["norm_pix_loss"]
+                 else "plain-pixel loss")
     report["sections"] = [
         {"title": "Data",
          "text": ("Pretraining: every frame of the pydicom-data ultrasound DICOMs through "
@@ -426,7 +429,7 @@ def build_report(finetune_report: dict, ingest: dict, sim_meta: dict, pre_stats:
                   f"{pretrain['model_config']['depth']} blocks, patch "
                   f"{pretrain['model_config']['patch_size']}, mask ratio "
                   f"{pretrain['config']['optim']['mask_ratio']}, "
-                  f"{'norm_pix_loss' if pretrain['config']['model']['norm_pix_loss'] else 'plain-pixel loss'}, on "
+                  f"{loss_name}, on "
                   f"{pretrain['throughput']['device'] if pretrain['throughput'] else 'cpu'}."),
          "numbers": {"steps": pretrain["steps"], "first_loss_mean": pretrain["first_loss_mean"],
                      "last_loss_mean": pretrain["last_loss_mean"],

@@ -6,7 +6,8 @@ seeded random initialisation (``"random_init"``: only pretraining differs) and t
 image averaged down to a small square (``"pixels"``). A logistic regression on each is trained
 on class-stratified, subject-grouped subsets of the development subjects (10 / 25 / 50 / 100 %,
 several seeds; the same subset for every arm) and scored by test AUC; paired differences
-between arms come with intervals, a curve and generated sentences (:func:`~.claims.difference_sentence`).
+between arms come with intervals, a curve and generated sentences
+(:func:`~.claims.difference_sentence`).
 """
 from __future__ import annotations
 

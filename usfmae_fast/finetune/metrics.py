@@ -289,8 +289,9 @@ def fold_mean_ci(values: Sequence[float | None], level: float = 0.95,
 def summarize(values: Sequence[dict], level: float = 0.95) -> dict[str, dict]:
     """``{metric: {"mean", "sd", "n", "ci"}}`` over folds for every metric of
     :data:`ALL_METRICS` (sd with ddof=1, 0.0 for a single fold; ``ci`` by :func:`fold_mean_ci`,
-    an approximate t-interval of the mean clipped to [0, 1], every metric's range); folds where a metric is ``None`` or missing do not
-    count, and a metric no fold defines has ``mean`` and ``sd`` ``None``."""
+    an approximate t-interval of the mean clipped to [0, 1], every metric's range); folds where
+    a metric is ``None`` or missing do not count, and a metric no fold defines has ``mean`` and
+    ``sd`` ``None``."""
     summary = {}
     for name in ALL_METRICS:
         defined = np.array([v[name] for v in values if v.get(name) is not None], dtype=np.float64)

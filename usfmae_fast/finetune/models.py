@@ -35,8 +35,8 @@ one, and the probe's batch norm normalises the feature anyway. ``"token"`` uses 
 Normalisation: the pretraining run's ``data_mean`` / ``data_std`` when the checkpoint records
 them (``summary.json`` beside it, or its ``train_config`` metadata); else, for RGB input from
 an RGB checkpoint (fb/mae, the USF-MAE release), ImageNet's, which those were pretrained with;
-else ``US_MEAN`` / ``US_STD``; a baseline with a weights file uses its own ``pretrained_cfg`` mean / std
-(averaged over RGB for gray input). They are stored in the fine-tuned checkpoint.
+else ``US_MEAN`` / ``US_STD``; a baseline with a weights file uses its own ``pretrained_cfg``
+mean / std (averaged over RGB for gray input). They are stored in the fine-tuned checkpoint.
 """
 from __future__ import annotations
 
