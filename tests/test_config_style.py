@@ -31,16 +31,16 @@ COMMANDS = {
                ["--max-side", "256"], "max_side", "jpeg_quality=70", "--max-side",
                "(default: 512)"),
     "demo": ([], demo_cli.config_from_args,
-             {"folds": 3, "finetune_epochs": 4, "finetune_lr": 0.01},
+             {"folds": 4, "finetune_epochs": 4, "finetune_lr": 0.01},
              ["--epochs", "6"], "finetune_epochs", "finetune_lr=0.002", "--epochs",
-             "(default: 15)"),
+             "(default: 8)"),
 }
 SET_FIELD = {"finetune": ("train.batch_size", 4), "evaluate": ("batch_size", 4),
              "scorecam": ("alpha", 0.7), "ingest": ("jpeg_quality", 70),
              "demo": ("finetune_lr", 0.002)}
 FILE_ONLY = {"finetune": ("folds", 3), "evaluate": ("title", "T"),
              "scorecam": ("colormap", "gray"), "ingest": ("frame_stride", 2),
-             "demo": ("folds", 3)}
+             "demo": ("folds", 4)}
 FLAG_VALUE = {"finetune": 9, "evaluate": 400, "scorecam": 3.0, "ingest": 256, "demo": 6}
 FILE_VALUE = {"finetune": 7, "evaluate": 300, "scorecam": 2.0, "ingest": 300, "demo": 4}
 
