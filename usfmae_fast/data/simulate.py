@@ -90,7 +90,7 @@ PHYSICS = {
     "views_per_subject": 2, "simulator": "pymust (MUST)",
 }
 WIDTH, (DEPTH0, DEPTH1) = PHYSICS["region_width_m"], PHYSICS["depth_range_m"]
-LABELLED, UNLABELLED = 0, 1  # the first word of every seed: the two pools never share a stream
+LABELLED, UNLABELLED = 0, 1  # the second word of every seed key: the pools never share a stream
 
 
 def _db(value) -> np.ndarray:
