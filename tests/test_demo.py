@@ -156,15 +156,16 @@ def test_lr_schedule_and_weight_decay_groups():
 
 
 def test_eta_scales_with_the_work_and_the_pace():
+    from dataclasses import replace
+
     from usfmae_fast.demo import REFERENCE_SECONDS, DemoConfig, eta_seconds
 
-    cfg = DemoConfig()
-    assert eta_seconds(cfg, {}) == pytest.approx(sum(REFERENCE_SECONDS.values()))
+    reference = replace(DemoConfig(), pretrain_steps=300, lr_grid=(1e-3, 3e-3))  # measured
+    assert eta_seconds(reference, {}) == pytest.approx(sum(REFERENCE_SECONDS.values()))
     twice = {"ingest": 2 * REFERENCE_SECONDS["ingest"]}  # a machine half as fast so far
     rest = sum(v for k, v in REFERENCE_SECONDS.items() if k != "ingest")
-    assert eta_seconds(cfg, twice) == pytest.approx(2 * rest)
-    from dataclasses import replace
-    doubled = replace(cfg, finetune_epochs=2 * cfg.finetune_epochs)
+    assert eta_seconds(reference, twice) == pytest.approx(2 * rest)
+    doubled = replace(reference, finetune_epochs=2 * reference.finetune_epochs)
     assert eta_seconds(doubled, {}) == pytest.approx(
         sum(REFERENCE_SECONDS.values()) + REFERENCE_SECONDS["finetune"])
 

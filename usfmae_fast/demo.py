@@ -70,12 +70,13 @@ class DemoConfig:
     models: tuple[str, ...] = ("usfmae", "vit_scratch", "resnet18")
     seed: int = 0
     img_size: int = 64
-    pretrain_steps: int = 300
+    pretrain_steps: int = 600
     pretrain_batch: int = 32
     finetune_epochs: int = 8
     finetune_batch: int = 16
     finetune_lr: float = 3e-3              # the lr when lr_grid is empty
-    lr_grid: tuple[float, ...] = (1e-3, 3e-3)  # per fold, each arm keeps the inner split's best
+    # per fold, each arm keeps the inner split's best (so the scratch ViT gets a fair chance)
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     label_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)  # label-efficiency curve
     label_seeds: int = 5
     crop_min: float = 0.5                  # random crops keep at least half the image: lesions stay
@@ -116,26 +117,25 @@ class DemoConfig:
                        **overrides)
 
 
-# Seconds of each stage in a reference run of the defaults on the 2-core CPU machine (commit
-# bc065d4, its defaults: 300 MAE steps of 32, 3 models x 3 folds x 8 epochs x 2 lrs, 64 px;
-# the previous simulated set, a simulation running on the other core),
-# and the work they scale with; the ETA printed between stages scales these by the run's own
-# work and by how fast this machine has been so far.
-REFERENCE_SECONDS = {"ingest": 3.0, "pretrain": 104.0, "label_efficiency": 18.0,
-                     "finetune": 213.0, "scorecam": 50.0}
+# Seconds of each stage in a reference run on the 2-core CPU machine (commit ddb050f: 300 MAE
+# steps of 32 images, 3 models x 3 folds x 8 epochs x 2 learning rates, 4 x 5 label-efficiency
+# fits, 64 px; `usfmae-fast demo --out /tmp/dfull2`), and the work each stage did there; the
+# ETA printed between stages scales these by the run's own work and this machine's pace.
+REFERENCE_SECONDS = {"ingest": 3.0, "pretrain": 59.3, "label_efficiency": 11.2,
+                     "finetune": 202.4, "scorecam": 49.6}
+REFERENCE_WORK = {"ingest": 1.0, "pretrain": 300 * 32 * 64 ** 2, "label_efficiency": 4 * 5,
+                  "finetune": 3 * 3 * 8 * 2 * 64 ** 2, "scorecam": 1.0}
 
 
 def stage_work(cfg: DemoConfig) -> dict[str, float]:
     """Each stage's work relative to the reference run's (1.0 = the same)."""
-    ref = DemoConfig()
-    finetune = (len(cfg.models) * cfg.folds * cfg.finetune_epochs * max(1, len(cfg.lr_grid))
-                * (cfg.img_size / ref.img_size) ** 2)
-    finetune /= len(ref.models) * ref.folds * ref.finetune_epochs * len(ref.lr_grid)
-    pretrain = cfg.pretrain_steps * cfg.pretrain_batch * (cfg.img_size / ref.img_size) ** 2 / (
-        ref.pretrain_steps * ref.pretrain_batch)
-    return {"ingest": 1.0, "pretrain": pretrain, "label_efficiency": len(cfg.label_fractions)
-            * cfg.label_seeds / (len(ref.label_fractions) * ref.label_seeds),
-            "finetune": finetune, "scorecam": 1.0}
+    pixels = cfg.img_size ** 2
+    work = {"ingest": 1.0, "pretrain": cfg.pretrain_steps * cfg.pretrain_batch * pixels,
+            "label_efficiency": len(cfg.label_fractions) * cfg.label_seeds,
+            "finetune": (len(cfg.models) * cfg.folds * cfg.finetune_epochs
+                         * max(1, len(cfg.lr_grid)) * pixels),
+            "scorecam": 1.0}
+    return {name: value / REFERENCE_WORK[name] for name, value in work.items()}
 
 
 def eta_seconds(cfg: DemoConfig, done: dict[str, float]) -> float:
