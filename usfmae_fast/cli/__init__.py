@@ -3,7 +3,8 @@
 ``ingest`` (raw ultrasound files -> clean images + manifest.csv), ``pretrain`` (the MAE
 pretraining engine; several processes through ``torchrun ... -m usfmae_fast.cli pretrain``),
 ``scorecam`` (heatmaps of a classifier's decisions), ``finetune`` / ``evaluate`` / ``predict`` /
-``embed`` (the clinical protocol), ``bench`` (the benchmark suites).
+``embed`` (the clinical protocol), ``export`` (checkpoints as Hugging Face, ONNX or timm
+files), ``bench`` (the benchmark suites).
 
 Exit codes (every command): 0 done; 2 bad input (arguments, labels, configs, checkpoints,
 missing files, an output folder another run holds), reported before the work starts; 1 the
@@ -53,10 +54,10 @@ def add_config_args(p: argparse.ArgumentParser, what: str, example: str) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, demo, finetune, info, ingest, pretrain, scorecam
+    from . import bench, demo, export, finetune, info, ingest, pretrain, scorecam
     parser = argparse.ArgumentParser(prog="usfmae-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (info, demo, ingest, pretrain, scorecam, finetune, bench):  # the --help order
+    for group in (info, demo, ingest, pretrain, scorecam, finetune, export, bench):  # the --help order
         group.add_commands(sub)
     return parser
 
