@@ -175,3 +175,11 @@ def test_malformed_folders_are_named(mae_folder, tmp_path):
         safetensors.torch.save_file(changed, bad / "model.safetensors", {"format": "pt"})
         with pytest.raises(ValueError, match=rf"{name}.model.safetensors.*layernorm"):
             read_hf_folder(bad)
+
+
+def test_missing_transformers_says_how_to_install(monkeypatch):
+    from usfmae_fast.models.hf import require_transformers
+
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    with pytest.raises(RuntimeError, match=r"pip install 'usfmae_fast\[hf\]'"):
+        require_transformers()

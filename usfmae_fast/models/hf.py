@@ -212,7 +212,8 @@ def export_hf(checkpoint, out_dir, *, encoder_only: bool = False) -> Path:
     _, meta = read_classifier(checkpoint)
     if meta.get("arch") or "head.weight" in state:
         return _export_classifier(checkpoint, out_dir, transformers)
-    if not all(k in state for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")):
+    if not all(k in state for k in ("patch_embed.proj.weight", "pos_embed",
+                                    "blocks.0.mlp.fc1.weight")):
         raise ValueError(f"checkpoint {str(checkpoint)!r} is neither an MAE / ViT checkpoint nor "
                          "a ViT classifier: use --format onnx or timm")
     if not encoder_only and "decoder_embed.weight" not in state:
@@ -270,6 +271,14 @@ def _export_classifier(checkpoint, out_dir: Path, transformers) -> Path:
 
 
 # ----------------------------------------------------------------------------- import
+def _mismatch(entry) -> str:
+    """transformers lists a mis-shaped weight as ``(key, checkpoint shape, model shape)``."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        key, have, want = entry
+        return f"{key}: checkpoint {tuple(have)} vs config {tuple(want)}"
+    return str(entry)
+
+
 def read_hf_folder(path) -> tuple[dict, dict]:
     """``(state_dict in our layout, our config)`` of an HF ``ViTMAEForPreTraining`` /
     ``ViTMAEModel`` / ``ViTModel`` folder (a ``ViTForImageClassification`` folder gives its
@@ -298,6 +307,8 @@ def read_hf_folder(path) -> tuple[dict, dict]:
         cls, prefix, extra = transformers.ViTMAEModel, "", {}
     weights = next((path / n for n in ("model.safetensors", "model.safetensors.index.json",
                                        "pytorch_model.bin") if (path / n).exists()), path)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report: what the error below says
     try:
         model, info = cls.from_pretrained(str(path), output_loading_info=True,
                                           ignore_mismatched_sizes=True,  # listed below
@@ -305,12 +316,13 @@ def read_hf_folder(path) -> tuple[dict, dict]:
     except (OSError, RuntimeError, ValueError) as exc:
         raise ValueError(f"cannot read Hugging Face weights {str(weights)!r}: "
                          f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     tolerated = ("classifier.", "pooler.")
     problems = {"missing keys": list(info.get("missing_keys", [])),
                 "unexpected keys": [k for k in info.get("unexpected_keys", [])
                                     if not k.startswith(tolerated)],
-                "mis-shaped keys": [" ".join(map(str, k)) if isinstance(k, tuple) else str(k)
-                                     for k in info.get("mismatched_keys", [])]}
+                "mis-shaped keys": [_mismatch(k) for k in info.get("mismatched_keys", [])]}
     if any(problems.values()):
         raise ValueError(f"{str(weights)!r} does not match its config.json: " + "; ".join(
             f"{title} ({len(keys)}): {', '.join(map(str, keys))}"

@@ -77,10 +77,9 @@ def build_model(cfg: PretrainConfig):
 
 def init_from_checkpoint(model, path, data_mean: float, data_std: float):
     """Start from MAE weights (fb/mae ``.pth``, USF-MAE ``.pt``, ours, a Hugging Face ViTMAE /
-    ViT folder): 3-channel weights are
-    folded to 1 channel for gray data (normalised with ``data_mean`` / ``data_std``), position
-    embeddings resampled to the model's grid, and an encoder-only checkpoint leaves the decoder
-    as initialised."""
+    ViT folder): 3-channel weights are folded to 1 channel for gray data (normalised with
+    ``data_mean`` / ``data_std``), position embeddings resampled to the model's grid, and an
+    encoder-only checkpoint leaves the decoder as initialised."""
     from ..models import checkpoint as mck
     from ..models.vit import pair
 
