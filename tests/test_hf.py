@@ -128,13 +128,15 @@ def test_avg_pooled_and_cnn_classifiers_are_refused(tmp_path):
 
 def test_hf_folder_initialises_pretraining(mae, mae_folder):
     from usfmae_fast.pretrain.config import build_config
-    from usfmae_fast.pretrain.engine import build_model, init_from_checkpoint
+    from usfmae_fast.pretrain.engine import build_model, init_from_checkpoint, run_provenance
 
     overrides = {f"model.{k}": v for k, v in TINY.items() if k != "norm_pix_loss"}
     cfg = build_config("demo", overrides={**overrides, "model.init_from": str(mae_folder)})
     model = init_from_checkpoint(build_model(cfg), cfg.model.init_from, 0.0, 1.0)
     for key, value in mae[0].state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+    record = run_provenance(cfg, "cpu")["files"]["init_checkpoint"]  # hashes the weights file
+    assert record["path"] == str(mae_folder / "model.safetensors")
 
 
 def test_hf_folder_initialises_finetuning(mae, mae_folder):
