@@ -185,3 +185,17 @@ def test_missing_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)
     with pytest.raises(RuntimeError, match=r"pip install 'usfmae_fast\[hf\]'"):
         require_transformers()
+
+
+def test_non_square_images_export_the_encoder_only(tmp_path):
+    model = MaskedAutoencoderViT(**{**TINY, "img_size": (32, 48)}).eval()
+    path = save_safetensors(model, tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match="square.*encoder_only"):
+        export_hf(path, tmp_path / "mae")
+    folder = export_hf(path, tmp_path / "enc", encoder_only=True)
+    vit = transformers.ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    imgs = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(pixel_values=imgs).last_hidden_state,
+                                   model.forward_features(imgs), rtol=1e-5, atol=1e-5)
+    assert read_hf_folder(folder)[1]["img_size"] == [32, 48]

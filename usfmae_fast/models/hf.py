@@ -156,6 +156,9 @@ def hf_config(config: dict, *, encoder_only: bool = False, **extra):
     kwargs = dict(_encoder_kwargs(config), **extra)
     if encoder_only:
         return transformers.ViTConfig(**kwargs)
+    if isinstance(kwargs["image_size"], list):  # its sin-cos init assumes a square grid
+        raise ValueError(f"img_size {config['img_size']}: Hugging Face ViTMAE builds square "
+                         "images only; export the encoder (encoder_only=True, a ViTModel)")
     decoder = config["decoder_embed_dim"]
     return transformers.ViTMAEConfig(
         **kwargs, decoder_hidden_size=decoder, decoder_num_hidden_layers=config["decoder_depth"],
