@@ -5,8 +5,9 @@ Model names (``--models``):
 
 - ``usfmae``: a timm ``VisionTransformer`` (the ``usfmae_vit_*`` names) initialised from an MAE
   encoder, ``init``: our pretraining ``checkpoint.safetensors`` or training checkpoints, fb/mae
-  ``.pth`` (whole MAE or encoder only), USF-MAE ``.pt``, or a timm ViT state dict (e.g. from
-  ``export_timm``). Decoder, mask token and any old head are dropped, the position embedding is
+  ``.pth`` (whole MAE or encoder only), USF-MAE ``.pt``, a timm ViT state dict (e.g. from
+  ``export_timm``), or a Hugging Face ViTMAE / ViT folder (``models.hf``). Decoder, mask
+  token and any old head are dropped, the position embedding is
   resampled to ``img_size``.
 - ``vit_scratch``: the same ViT (the architecture of ``init``, else ``vit_size``), random init.
 - any timm model name, e.g. the baselines ``densenet169``, ``resnet50``,
