@@ -158,7 +158,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--models", help=help_for(ProtocolConfig, "models",
                                              "comma-separated model names"))
     p.add_argument("--init", help="pretrained MAE checkpoint: ours (.safetensors / training "
-                   "checkpoint), fb/mae .pth, USF-MAE .pt, timm ViT export")
+                   "checkpoint), fb/mae .pth, USF-MAE .pt, timm ViT export, or a Hugging "
+                   "Face ViTMAE / ViT folder")
     p.add_argument("--weights", action="append", metavar="NAME=PATH",
                    help="local weights file of a timm baseline (repeatable); nothing downloads")
     p.add_argument("--classes", help="comma-separated class order (default: sorted labels; "

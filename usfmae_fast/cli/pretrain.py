@@ -76,7 +76,8 @@ def add_commands(sub) -> None:
     p.add_argument("--blr", type=float)
     p.add_argument("--model", help="encoder size: tiny, small, base, large, huge")
     p.add_argument("--img-size", type=int)
-    p.add_argument("--init-from", help="MAE checkpoint to start from")
+    p.add_argument("--init-from", help="MAE checkpoint to start from (a file, or a Hugging "
+                   "Face ViTMAE / ViT folder)")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--ops-backend", help="usfmae_fast.ops backend: auto, torch, cpu, cuda, triton")

@@ -5,8 +5,9 @@ Model names (``--models``):
 
 - ``usfmae``: a timm ``VisionTransformer`` (the ``usfmae_vit_*`` names) initialised from an MAE
   encoder, ``init``: our pretraining ``checkpoint.safetensors`` or training checkpoints, fb/mae
-  ``.pth`` (whole MAE or encoder only), USF-MAE ``.pt``, or a timm ViT state dict (e.g. from
-  ``export_timm``). Decoder, mask token and any old head are dropped, the position embedding is
+  ``.pth`` (whole MAE or encoder only), USF-MAE ``.pt``, a timm ViT state dict (e.g. from
+  ``export_timm``), or a Hugging Face ViTMAE / ViT folder (``models.hf``). Decoder, mask
+  token and any old head are dropped, the position embedding is
   resampled to ``img_size``.
 - ``vit_scratch``: the same ViT (the architecture of ``init``, else ``vit_size``), random init.
 - any timm model name, e.g. the baselines ``densenet169``, ``resnet50``,
@@ -100,11 +101,11 @@ def model_spec(name: str, init: str | None = None, weights: dict | None = None) 
         if not init:
             raise ValueError(f"init: model {name!r} starts from a pretrained MAE checkpoint; "
                              "give one with --init")
-        if not Path(init).is_file():
+        if not Path(init).exists():
             raise FileNotFoundError(f"init: {str(init)!r} does not exist")
         return ModelSpec(name, MAE_ARCH, init=str(init), linear_probe=probe)
     if base == "vit_scratch":
-        if init and not Path(init).is_file():
+        if init and not Path(init).exists():
             raise FileNotFoundError(f"init: {str(init)!r} does not exist")
         return ModelSpec(name, MAE_ARCH, like=str(init) if init else None, linear_probe=probe)
     if not timm.is_model(base):
@@ -138,6 +139,8 @@ def pretraining_stats(path) -> tuple[list[float], list[float]] | None:
     metadata (``mean`` / ``std`` of our classifiers, ``train_config`` of our MAE weights; not
     for the ``demo`` source, whose stats are measured and only in the summary)."""
     path = Path(path)
+    if path.is_dir():  # a Hugging Face folder records no pretraining statistics
+        return None
     folders = [path.parent] + ([path.parent.parent] if path.parent.name == "checkpoints" else [])
     for folder in folders:
         summary = folder / "summary.json"

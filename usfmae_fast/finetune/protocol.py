@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.checkpoint import checkpoint_file
 from ..models.classifier import load_finetuned
 from ..runtime.files import atomic_write
 from ..runtime.lock import output_lock
@@ -369,7 +370,8 @@ def _run_models(cfg: ProtocolConfig, plan: Plan) -> dict:
         "provenance": provenance(
             config=cfg.to_dict(), seed=cfg.seed, device=str(resolve_device(cfg.train.device)),
             files={"labels": cfg.labels if Path(cfg.labels).is_file() else None,
-                   "test_labels": cfg.test_labels, "splits": splits, "init": cfg.init,
+                   "test_labels": cfg.test_labels, "splits": splits,
+                   "init": cfg.init and checkpoint_file(cfg.init),
                    **{f"weights:{k}": v for k, v in cfg.weights.items()}}),
     }
     write_report(report, out)

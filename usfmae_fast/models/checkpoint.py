@@ -111,8 +111,12 @@ def read_checkpoint(path) -> tuple[StateDict, dict | None]:
     ``config`` is our saved ``model.config`` (safetensors metadata or a JSON file beside it,
     a training checkpoint's ``model_config``),
     ``{"norm_pix_loss": ...}`` from fb/mae's saved args, or None.
+    A folder is read as a Hugging Face ViTMAE / ViT folder (:func:`.hf.read_hf_folder`).
     """
     path = Path(path)
+    if path.is_dir():
+        from .hf import read_hf_folder
+        return read_hf_folder(path)
     checkpoint, metadata = read_file(path)
     if path.suffix == ".safetensors":
         state_dict = unwrap_state_dict(checkpoint, path)
@@ -126,6 +130,13 @@ def read_checkpoint(path) -> tuple[StateDict, dict | None]:
     config = ({"norm_pix_loss": bool(args.norm_pix_loss)}
               if hasattr(args, "norm_pix_loss") else None)
     return unwrap_state_dict(checkpoint, path), config
+
+
+def checkpoint_file(path) -> Path:
+    """The file holding a checkpoint's weights: the path itself, or a Hugging Face folder's
+    ``model.safetensors`` (what a provenance record hashes)."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
 
 
 def _count_blocks(state_dict: Mapping, prefix: str) -> int:

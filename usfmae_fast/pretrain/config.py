@@ -47,7 +47,7 @@ class ModelConfig:
     mlp_ratio: float | None = None
     norm_pix_loss: bool = True
     drop_path_rate: float = 0.0
-    init_from: str | None = None           # MAE weights to start from: .pth, .pt, .safetensors
+    init_from: str | None = None           # MAE weights: .pth, .pt, .safetensors, HF folder
 
 
 @dataclass

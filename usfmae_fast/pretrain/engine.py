@@ -76,10 +76,10 @@ def build_model(cfg: PretrainConfig):
 
 
 def init_from_checkpoint(model, path, data_mean: float, data_std: float):
-    """Start from MAE weights (fb/mae ``.pth``, USF-MAE ``.pt``, ours): 3-channel weights are
-    folded to 1 channel for gray data (normalised with ``data_mean`` / ``data_std``), position
-    embeddings resampled to the model's grid, and an encoder-only checkpoint leaves the decoder
-    as initialised."""
+    """Start from MAE weights (fb/mae ``.pth``, USF-MAE ``.pt``, ours, a Hugging Face ViTMAE /
+    ViT folder): 3-channel weights are folded to 1 channel for gray data (normalised with
+    ``data_mean`` / ``data_std``), position embeddings resampled to the model's grid, and an
+    encoder-only checkpoint leaves the decoder as initialised."""
     from ..models import checkpoint as mck
     from ..models.vit import pair
 
@@ -108,8 +108,11 @@ def data_manifest(source: str) -> Path | None:
 def run_provenance(cfg: PretrainConfig, device) -> dict:
     """:func:`~usfmae_fast.runtime.provenance.provenance` of a pretraining run: its config,
     seed and device, the hashes of the init checkpoint and of the data manifest."""
+    from ..models.checkpoint import checkpoint_file
+
+    init = cfg.model.init_from and checkpoint_file(cfg.model.init_from)
     return provenance(config=cfg.to_dict(), seed=cfg.system.seed, device=str(device),
-                      files={"init_checkpoint": cfg.model.init_from,
+                      files={"init_checkpoint": init or None,
                              "data_manifest": data_manifest(cfg.data.source)})
 
 
