@@ -186,8 +186,6 @@ def train_fold_grid(spec: ModelSpec, fit: LabelledSet, select: LabelledSet | Non
         key = (-1.0 if kept["select_auc"] is None else kept["select_auc"], -kept["select_loss"])
         if best is None or key > best_key:
             best, best_key = result, key
-        else:
-            del result
     for name in ("best.safetensors", "history.csv", "select_predictions.csv"):
         shutil.copy2(best.checkpoint.parent / name, fold_dir / name)
     return replace(best, checkpoint=fold_dir / "best.safetensors"), scores

@@ -109,8 +109,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 
 def _with_ci(value, interval) -> str:
-    low, high = interval if interval else (None, None)
-    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+    return f"{fmt(value)} {_interval(interval)}"
 
 
 def _mean_sd(stats: dict | None) -> str:

@@ -20,7 +20,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as _sps
 
-from .metrics import bootstrap_weights, checked_bootstrap_args, resampling_units, weighted_auc
+from .metrics import (bootstrap_weights, checked_bootstrap_args, percentile_interval,
+                      resampling_units, weighted_auc)
 
 __all__ = ["AUCComparison", "DeLongResult", "McNemarResult", "compare_auc", "delong", "mcnemar"]
 
@@ -227,9 +228,8 @@ def compare_auc(y_true, prob_a, prob_b, groups=None, *, n_boot: int = 2000,
     valid = diffs[np.isfinite(diffs)]
     if len(valid) == 0:
         raise ValueError("groups: no bootstrap resample contained every class; too few patients")
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(valid, [alpha, 1 - alpha])
-    return AUCComparison(dl.auc_a, dl.auc_b, dl.auc_a - dl.auc_b, (float(lo), float(hi)),
+    lo, hi = percentile_interval(valid, level)
+    return AUCComparison(dl.auc_a, dl.auc_b, dl.auc_a - dl.auc_b, (lo, hi),
                          float(level), dl.p_value, len(y), int(unit_of.max()) + 1, int(n_boot),
                          len(valid))
 
