@@ -251,7 +251,7 @@ def label_efficiency_stage(cfg: DemoConfig, weights: str, dev, test, out: Path) 
     from .finetune.label_efficiency import (extract_features, measure_label_efficiency,
                                             plot_label_efficiency)
 
-    common = dict(img_size=cfg.img_size, seed=cfg.seed, device="cpu" if cfg.threads else "auto")
+    common = dict(img_size=cfg.img_size, seed=cfg.seed, device="auto")  # as the other stages
     features = {arm: (extract_features(weights, dev, arm=arm, **common),
                       extract_features(weights, test, arm=arm, **common))
                 for arm in ("mae", "random_init", "pixels")}
